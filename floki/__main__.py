@@ -1,0 +1,3 @@
+from floki.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,250 @@
+"""floki.toml -> frozen dataclasses.
+
+Owns: every setting, its default, its unit and its parser, declared once in the tables below.
+Rules:
+  1. Sizes are bytes: a bare integer, or a number with k/kb/m/mb/g/gb (any case, powers of 1024).
+  2. Durations are seconds (float): a bare number, or a number with ms/s/m/h/d.
+  3. A bad value raises ConfigError naming the key, the value and what was expected.
+  4. Unknown keys are errors; a typo must never be silently ignored.
+The `[queue]` table holds the defaults every new queue copies into its own settings; each queue
+then keeps its settings on disk, so changing a default never changes an existing queue.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import tomli
+
+_SIZE_UNITS = {"": 1, "b": 1, "k": 1024, "kb": 1024, "m": 1024**2, "mb": 1024**2,
+               "g": 1024**3, "gb": 1024**3}
+_DURATION_UNITS = {"": 1.0, "ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+_NUMBER_WITH_UNIT = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
+
+
+class ConfigError(ValueError):
+    """A setting that cannot be used; the message names key, value and expectation."""
+
+    def __init__(self, key: str, value: Any, expected: str):
+        super().__init__(f"config key {key!r}: invalid value {value!r}; expected {expected}")
+        self.key, self.value, self.expected = key, value, expected
+
+
+def parse_size(key: str, value: Any) -> int:
+    """Returns a byte count. Raises ConfigError."""
+    expected = "a size: bytes, or a number with k/kb/m/mb/g/gb (e.g. \"64mb\")"
+    if isinstance(value, bool):
+        raise ConfigError(key, value, expected)
+    if isinstance(value, int):
+        if value < 0:
+            raise ConfigError(key, value, expected)
+        return value
+    if not isinstance(value, str):
+        raise ConfigError(key, value, expected)
+    m = _NUMBER_WITH_UNIT.match(value)
+    if not m or m.group(2).lower() not in _SIZE_UNITS:
+        raise ConfigError(key, value, expected)
+    return int(float(m.group(1)) * _SIZE_UNITS[m.group(2).lower()])
+
+
+def parse_duration(key: str, value: Any) -> float:
+    """Returns seconds. Raises ConfigError."""
+    expected = "a duration: seconds, or a number with ms/s/m/h/d (e.g. \"30s\")"
+    if isinstance(value, bool):
+        raise ConfigError(key, value, expected)
+    if isinstance(value, (int, float)):
+        if value < 0:
+            raise ConfigError(key, value, expected)
+        return float(value)
+    if not isinstance(value, str):
+        raise ConfigError(key, value, expected)
+    m = _NUMBER_WITH_UNIT.match(value)
+    if not m or m.group(2).lower() not in _DURATION_UNITS:
+        raise ConfigError(key, value, expected)
+    return float(m.group(1)) * _DURATION_UNITS[m.group(2).lower()]
+
+
+def _parse_int(low: int, high: int | None = None) -> Callable[[str, Any], int]:
+    def parse(key: str, value: Any) -> int:
+        expected = f"an integer >= {low}" + (f" and <= {high}" if high is not None else "")
+        if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, int) or value < low or (
+                high is not None and value > high):
+            raise ConfigError(key, value, expected)
+        return value
+    return parse
+
+
+def _parse_choice(*choices: str) -> Callable[[str, Any], str]:
+    def parse(key: str, value: Any) -> str:
+        if not isinstance(value, str) or value.lower() not in choices:
+            raise ConfigError(key, value, "one of " + ", ".join(repr(c) for c in choices))
+        return value.lower()
+    return parse
+
+
+def _parse_str(key: str, value: Any) -> str:
+    if not isinstance(value, str):
+        raise ConfigError(key, value, "a string")
+    return value
+
+
+def _parse_hostport(key: str, value: Any) -> str:
+    if not isinstance(value, str) or ":" not in value:
+        raise ConfigError(key, value, "HOST:PORT (e.g. \"127.0.0.1:9797\")")
+    host, _, port = value.rpartition(":")
+    if not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ConfigError(key, value, "HOST:PORT with a port from 0 to 65535")
+    return value
+
+
+# --- per-queue settings --------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class QueueSettings:
+    """Settings each queue owns and persists (sizes in bytes, durations in seconds)."""
+    segment_size: int = 64 * 1024**2
+    message_timeout: float = 30.0
+    max_in_flight: int = 100_000
+    retention_period: float = 0.0
+    retention_size: int = 0
+    hard_retention_period: float = 24 * 3600.0
+    hard_retention_size: int = 0
+
+    def with_value(self, key: str, raw: Any) -> "QueueSettings":
+        """Returns a copy with `key` parsed from `raw` (floki.toml syntax). Raises ConfigError."""
+        if key not in QUEUE_KEYS:
+            raise ConfigError(key, raw, "one of " + ", ".join(sorted(QUEUE_KEYS)))
+        return dataclasses.replace(self, **{key: QUEUE_KEYS[key](key, raw)})
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], base: "QueueSettings | None" = None) -> "QueueSettings":
+        """Parses a (possibly partial) mapping over `base`. Raises ConfigError on any bad key."""
+        settings = base or cls()
+        for key, raw in data.items():
+            settings = settings.with_value(key, raw)
+        return settings
+
+
+QUEUE_KEYS: dict[str, Callable[[str, Any], Any]] = {
+    "segment_size": lambda k, v: _check_min(k, v, parse_size(k, v), 4096, "a size >= 4kb"),
+    "message_timeout": lambda k, v: _check_min(k, v, parse_duration(k, v), 0.001,
+                                               "a duration >= 1ms"),
+    "max_in_flight": _parse_int(1),
+    "retention_period": parse_duration,
+    "retention_size": parse_size,
+    "hard_retention_period": parse_duration,
+    "hard_retention_size": parse_size,
+}
+
+
+def _check_min(key: str, raw: Any, value: Any, low: Any, expected: str) -> Any:
+    if value < low:
+        raise ConfigError(key, raw, expected)
+    return value
+
+
+# --- server-wide settings --------------------------------------------------------------------
+
+FSYNC_MODES = ("never", "interval", "always")
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Server-wide settings (sizes in bytes, durations in seconds)."""
+    bind: str = "127.0.0.1:9797"
+    data_dir: str = "./data"
+    shards: int = 0                      # 0 = one per CPU
+    log_level: str = "info"
+    fsync: str = "interval"
+    fsync_interval: float = 1.0
+    maintenance_interval: float = 1.0
+    max_connections: int = 10_000
+    max_message_size: int = 8 * 1024**2
+    max_get_count: int = 10_000
+    shard_timeout: float = 2.0           # a shard silent this long is treated as down
+    queue: QueueSettings = field(default_factory=QueueSettings)
+
+    @property
+    def shard_count(self) -> int:
+        return self.shards or (os.cpu_count() or 1)
+
+    @property
+    def data_path(self) -> Path:
+        return Path(self.data_dir)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def with_value(self, key: str, raw: Any) -> "ServerConfig":
+        """Returns a copy with server key `key` (or `queue.KEY`) parsed from `raw`."""
+        if key.startswith("queue."):
+            return dataclasses.replace(self, queue=self.queue.with_value(key[6:], raw))
+        if key not in SERVER_KEYS:
+            raise ConfigError(key, raw, "one of " + ", ".join(sorted(SERVER_KEYS)))
+        return dataclasses.replace(self, **{key: SERVER_KEYS[key](key, raw)})
+
+
+SERVER_KEYS: dict[str, Callable[[str, Any], Any]] = {
+    "bind": _parse_hostport,
+    "data_dir": _parse_str,
+    "shards": _parse_int(0, 256),
+    "log_level": _parse_choice("debug", "info", "warning", "error"),
+    "fsync": _parse_choice(*FSYNC_MODES),
+    "fsync_interval": lambda k, v: _check_min(k, v, parse_duration(k, v), 0.001,
+                                              "a duration >= 1ms"),
+    "maintenance_interval": lambda k, v: _check_min(k, v, parse_duration(k, v), 0.01,
+                                                    "a duration >= 10ms"),
+    "max_connections": _parse_int(1),
+    "max_message_size": lambda k, v: _check_min(k, v, parse_size(k, v), 1, "a size >= 1"),
+    "max_get_count": _parse_int(1, 1_000_000),
+    "shard_timeout": lambda k, v: _check_min(k, v, parse_duration(k, v), 0.1,
+                                             "a duration >= 100ms"),
+}
+
+
+def config_from_dict(data: dict[str, Any]) -> ServerConfig:
+    """Builds a ServerConfig from a floki.toml mapping. Raises ConfigError."""
+    config = ServerConfig()
+    for section, body in data.items():
+        if section == "server":
+            if not isinstance(body, dict):
+                raise ConfigError("server", body, "a table")
+            for key, raw in body.items():
+                config = config.with_value(key, raw)
+        elif section == "queue":
+            if not isinstance(body, dict):
+                raise ConfigError("queue", body, "a table")
+            config = dataclasses.replace(config, queue=QueueSettings.from_dict(body))
+        else:
+            raise ConfigError(section, body, "a [server] or [queue] table")
+    return config
+
+
+def load_config(path: str | os.PathLike | None) -> ServerConfig:
+    """Reads floki.toml at `path` (None: all defaults). Raises ConfigError, OSError."""
+    if path is None:
+        return ServerConfig()
+    with open(path, "rb") as f:
+        try:
+            data = tomli.load(f)
+        except tomli.TOMLDecodeError as exc:
+            raise ConfigError(str(path), "<file>", f"valid TOML ({exc})") from None
+    return config_from_dict(data)
+
+
+def shard_endpoint(config: ServerConfig, index: int) -> str:
+    """Returns the ZeroMQ endpoint shard `index` binds and the frontend connects to.
+
+    Default: an ipc:// socket under `<data_dir>/.run/` (a name starting with "." is never a queue).
+    """
+    run_dir = Path(config.data_dir).resolve() / ".run"
+    return f"ipc://{run_dir}/shard-{index}.ipc"
