@@ -85,6 +85,10 @@ class ShardUnavailable(FlokiError):
     default = "shard unavailable, try again"
 
 
+class WrongShard(FlokiError):
+    default = "queue routed to the wrong shard (frontend and shards disagree on the shard count)"
+
+
 class NoAuth(FlokiError):
     prefix, default = "NOAUTH", "Authentication required."
 
