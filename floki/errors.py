@@ -110,6 +110,26 @@ class InternalError(FlokiError):
     default = "internal error"
 
 
+class UnknownSubcommand(FlokiError):
+    def __init__(self, command: str, subcommand: str | bytes):
+        super().__init__(f"unknown subcommand '{_printable(subcommand)}'. "
+                         f"Try {command.upper()} HELP.")
+
+
+class DbIndexOutOfRange(FlokiError):
+    default = "DB index is out of range"
+
+
+class AuthNotConfigured(FlokiError):
+    default = ("AUTH <password> called without any password configured for the default user. "
+               "Are you sure your configuration is correct?")
+
+
+class CommandSyntaxError(FlokiError):
+    """Redis's plain `-ERR` for a bad option of a Redis-compatible command (CLIENT, HELLO)."""
+    default = "syntax error"
+
+
 def _printable(value: str | bytes, limit: int = 128) -> str:
     if isinstance(value, bytes):
         value = value.decode("utf-8", "replace")

@@ -1,0 +1,355 @@
+"""One client connection (an asyncio.Protocol, shaped like uvicorn's), and the process-wide
+state every connection shares (`Frontend`).
+
+Owns: turning a client's bytes into commands and their replies into bytes, in order.
+Rules:
+  1. Every command reserves a reply slot when it is read, so replies leave in request order even
+     when pipelined commands are answered by different shards, out of order. The completed
+     slots at the head go out in one `transport.write` per batch.
+  2. A command runs where it belongs: a request with a `queue` goes to the shard
+     `routing.shard_for` picks, and the shard's RESP bytes are written as they came; INFO and
+     CONFIG go to every shard and `fanout.merge` joins the answers; PING, HELLO, CLIENT ... are
+     answered here (`handlers`).
+  3. Errors: a FlokiError becomes its reply and the connection lives on, unless the error is
+     fatal (broken framing, too many clients): then the reply is the last thing written before
+     closing. Anything else is a bug: logged with its traceback, answered `-ERR internal error`.
+     `_fail` is the one place an exception becomes a reply.
+  4. Flow control: reading pauses while more than HIGH_WATER_SLOTS replies are outstanding or
+     the transport's write buffer is full, and resumes below LOW_WATER_SLOTS. A client whose
+     unread replies pass MAX_OUTPUT_BUFFER_BYTES is disconnected.
+  5. A client that goes away cancels its requests still at the shards (a parked long poll must
+     not take messages nobody will read).
+"""
+from __future__ import annotations
+
+import asyncio
+import functools
+import itertools
+import logging
+import os
+import socket
+import time
+from collections import deque
+from typing import Any
+
+from floki import __version__, wire
+from floki.commands import Limits, parse
+from floki.config import ConfigError, ServerConfig
+from floki.errors import (FlokiError, InternalError, InvalidParameter, ProtocolError,
+                          TooManyClients, is_fatal, to_reply)
+from floki.frontend import fanout
+from floki.frontend.handlers import Session, answer
+from floki.frontend.resp import RequestReader
+from floki.requests import FANOUT_REQUESTS
+from floki.routing import shard_for
+
+log = logging.getLogger(__name__)
+
+HIGH_WATER_SLOTS = 1024
+LOW_WATER_SLOTS = 512
+WRITE_BUFFER_HIGH_BYTES = 4 * 1024**2       # transport's pause_writing threshold
+MAX_OUTPUT_BUFFER_BYTES = 256 * 1024**2     # unread replies above this: disconnect (rule 4)
+
+_FANOUT_TYPES = frozenset(FANOUT_REQUESTS)
+
+
+class Frontend:
+    """What every connection of the frontend process shares: router, live config, clients."""
+
+    def __init__(self, config: ServerConfig, router: Any, loop: asyncio.AbstractEventLoop):
+        self.config = config
+        self.limits = Limits(config.max_message_size, config.max_get_count)
+        self.router = router                 # router.Router, or a stand-in in tests
+        self.loop = loop
+        self.shard_count = router.shard_count
+        self.connections: set[Connection] = set()
+        self.started_s = time.monotonic()
+        self._client_ids = itertools.count(1)
+
+    def next_client_id(self) -> int:
+        return next(self._client_ids)
+
+    def status(self) -> dict[str, Any]:
+        """Returns the frontend's own part of INFO server."""
+        return {"version": __version__, "pid": os.getpid(),
+                "uptime_s": round(time.monotonic() - self.started_s, 3),
+                "client_count": len(self.connections), "shards": self.shard_count}
+
+    def apply_config(self, key: str, value: str) -> None:
+        """Applies CONFIG SET server.<key> here too (new limits hold for the next command).
+
+        Raises InvalidParameter.
+        """
+        try:
+            config = self.config.with_value(key, value)
+        except ConfigError as exc:
+            raise InvalidParameter(f"Invalid CONFIG SET parameter: {exc}") from None
+        self.config = config
+        self.limits = Limits(config.max_message_size, config.max_get_count)
+        if key == "log_level":
+            logging.getLogger().setLevel(config.log_level.upper())
+
+
+class _Slot:
+    """The place of one command's reply in its connection's output order."""
+
+    __slots__ = ("conn", "reply", "close", "request_id", "fanout")
+
+    def __init__(self, conn: Connection):
+        self.conn = conn
+        self.reply: bytes | None = None     # None until answered
+        self.close = False                  # close the connection once this reply is written
+        self.request_id = 0                 # the shard request answering it (0: none)
+        self.fanout: _FanOut | None = None
+
+    def shard_replied(self, status: bytes, payload: bytes) -> None:
+        if status == wire.JSON:             # a shard bug: never write JSON to a client
+            log.error("shard answered a queue command with JSON: %r", payload[:200])
+            payload = to_reply(InternalError())
+        self.reply = payload
+        self.conn._slot_done(self)
+
+
+class _FanOut:
+    """A request sent to every shard: collects the parts, then merges them into its slot."""
+
+    __slots__ = ("slot", "request", "protover", "parts", "waiting", "request_ids")
+
+    def __init__(self, slot: _Slot, request: object, protover: int, shard_count: int):
+        self.slot = slot
+        self.request = request
+        self.protover = protover            # the protocol when the command was read
+        self.parts: list = [None] * shard_count
+        self.waiting = shard_count
+        self.request_ids: list[int] = []
+
+    def part_replied(self, index: int, status: bytes, payload: bytes) -> None:
+        self.parts[index] = (status, payload)
+        self.waiting -= 1
+        if self.waiting == 0:
+            self.slot.conn._merge(self)
+
+
+class Connection(asyncio.Protocol):
+    """One client: RESP in, commands out to handlers and shards, replies back in order."""
+
+    def __init__(self, frontend: Frontend):
+        self._frontend = frontend
+        self._router = frontend.router
+        self._loop = frontend.loop
+        self._transport: asyncio.Transport | None = None
+        self._reader = RequestReader()
+        self._slots: deque[_Slot] = deque()
+        self.session: Session | None = None
+        self._closing = False          # QUIT, fatal error, EOF or shutdown: read no commands
+        self._close_when_idle = False  # close as soon as every slot is written (EOF, shutdown)
+        self._reading_paused = False
+        self._writing_paused = False
+        self._flush_scheduled = False
+        self._in_batch = False         # inside data_received: it flushes at its end
+
+    # --- asyncio.Protocol ---------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.Transport) -> None:
+        self._transport = transport
+        frontend = self._frontend
+        if len(frontend.connections) >= frontend.config.max_connections:
+            transport.write(to_reply(TooManyClients()))
+            transport.close()
+            self._closing = True
+            return
+        frontend.connections.add(self)
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:
+                pass                   # the peer already left; connection_lost follows
+        transport.set_write_buffer_limits(high=WRITE_BUFFER_HIGH_BYTES)
+        self.session = Session(frontend.next_client_id(),
+                               _address(transport.get_extra_info("peername")),
+                               _address(transport.get_extra_info("sockname")))
+
+    def data_received(self, data: bytes) -> None:
+        if self._closing:
+            return
+        reader = self._reader
+        reader.feed(data)
+        self._in_batch = True
+        try:
+            while not self._closing:
+                try:
+                    batch = reader.commands()
+                except ProtocolError as exc:
+                    slot = _Slot(self)
+                    self._slots.append(slot)
+                    self._fail(slot, exc)
+                    break
+                if not batch:
+                    break
+                execute = self._execute
+                for argv in batch:
+                    execute(argv)
+                    if self._closing:
+                        break
+        finally:
+            self._in_batch = False
+        self._flush()
+
+    def eof_received(self) -> bool:
+        # The client sent everything (e.g. `printf 'PING\r\n' | nc`): answer it, then close.
+        self._closing = True
+        if not self._slots:
+            return False               # the transport closes itself
+        self._close_when_idle = True
+        return True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._closing = True
+        self._transport = None
+        cancel = self._router.cancel
+        for slot in self._slots:
+            if slot.reply is None:
+                if slot.request_id:
+                    cancel(slot.request_id)
+                elif slot.fanout is not None:
+                    fan = slot.fanout
+                    for request_id, part in zip(fan.request_ids, fan.parts):
+                        if part is None:
+                            cancel(request_id)
+        self._slots.clear()
+        self._frontend.connections.discard(self)
+
+    def pause_writing(self) -> None:
+        self._writing_paused = True
+        self._update_reading()
+
+    def resume_writing(self) -> None:
+        self._writing_paused = False
+        self._update_reading()
+
+    # --- commands -------------------------------------------------------------------------------
+
+    def _execute(self, argv: list[bytes]) -> None:
+        slot = _Slot(self)
+        self._slots.append(slot)
+        try:
+            request = parse(argv, self._frontend.limits)
+            queue = getattr(request, "queue", None)
+            if queue is not None:
+                slot.request_id = self._router.send(
+                    shard_for(queue, self._frontend.shard_count), argv, slot.shard_replied)
+            elif type(request) in _FANOUT_TYPES:
+                self._fan_out(slot, request, argv)
+            else:
+                slot.reply = answer(request, self.session)
+                if self.session.quit:
+                    slot.close = self._closing = True
+        except Exception as exc:
+            self._fail(slot, exc, argv)
+
+    def _fan_out(self, slot: _Slot, request: object, argv: list[bytes]) -> None:
+        count = self._frontend.shard_count
+        fan = slot.fanout = _FanOut(slot, request, self.session.protover, count)
+        for index in range(count):
+            fan.request_ids.append(
+                self._router.send(index, argv, functools.partial(fan.part_replied, index)))
+
+    def _merge(self, fan: _FanOut) -> None:
+        slot = fan.slot
+        try:
+            slot.reply = fanout.merge(fan.request, fan.parts, self._frontend, fan.protover)
+        except Exception as exc:
+            self._fail(slot, exc)
+        self._slot_done(slot)
+
+    def _fail(self, slot: _Slot, exc: BaseException, argv: list[bytes] | None = None) -> None:
+        """Answers `slot` with the error reply for `exc` (rule 3)."""
+        if not isinstance(exc, FlokiError):
+            log.error("internal error answering %r", argv[0][:64] if argv else "a fan-out",
+                      exc_info=exc)
+        slot.reply = to_reply(exc)
+        if is_fatal(exc):
+            slot.close = self._closing = True
+
+    # --- output ---------------------------------------------------------------------------------
+
+    def _slot_done(self, slot: _Slot) -> None:
+        """A shard answered: flush soon if that made the head of the line ready."""
+        slots = self._slots
+        if slots and slots[0] is slot and not self._in_batch and not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        """Writes every completed reply at the head of the line, in one write (rule 1)."""
+        self._flush_scheduled = False
+        transport = self._transport
+        slots = self._slots
+        if transport is None or transport.is_closing():
+            return                     # closed or closing: nothing more may be written
+        if slots and slots[0].reply is not None:
+            out = []
+            close = False
+            while slots and slots[0].reply is not None:
+                slot = slots.popleft()
+                out.append(slot.reply)
+                if slot.close:
+                    close = True
+                    break
+            transport.write(out[0] if len(out) == 1 else b"".join(out))
+            if close:
+                self._close(transport)
+                return
+            if transport.get_write_buffer_size() > MAX_OUTPUT_BUFFER_BYTES:
+                log.warning("client %d does not read its replies (%d bytes queued): closing",
+                            self.session.client_id, transport.get_write_buffer_size())
+                transport.abort()
+                return
+        if self._close_when_idle and not slots:
+            self._close(transport)
+            return
+        self._update_reading()
+
+    def _close(self, transport: asyncio.Transport) -> None:
+        """Closes after the buffered writes; requests still at shards are cancelled."""
+        self._closing = True
+        transport.close()              # connection_lost cancels the rest (rule 5)
+
+    def _update_reading(self) -> None:
+        transport = self._transport
+        if transport is None:
+            return
+        outstanding = len(self._slots)
+        if self._writing_paused or self._closing or outstanding > HIGH_WATER_SLOTS:
+            if not self._reading_paused:
+                self._reading_paused = True
+                transport.pause_reading()
+        elif self._reading_paused and outstanding <= LOW_WATER_SLOTS:
+            self._reading_paused = False
+            transport.resume_reading()
+
+    # --- graceful stop ---------------------------------------------------------------------------
+
+    def shutdown(self) -> None:
+        """Takes no more commands; closes once the outstanding replies are written."""
+        self._closing = True
+        self._close_when_idle = True
+        if self._transport is None:
+            return
+        if not self._slots:
+            self._close(self._transport)
+        else:
+            self._update_reading()
+
+    def abort(self) -> None:
+        """Closes at once, dropping unwritten replies (the forced step of a stop)."""
+        if self._transport is not None:
+            self._transport.abort()
+
+
+def _address(addr: Any) -> str:
+    if isinstance(addr, tuple) and len(addr) >= 2:
+        host = addr[0]
+        return f"[{host}]:{addr[1]}" if ":" in str(host) else f"{host}:{addr[1]}"
+    return str(addr or "")

@@ -1,0 +1,357 @@
+"""RESP, sans-I/O: request bytes in, argv lists out; reply values in, bytes out.
+
+Owns: framing of client requests (RESP2 arrays of bulk strings, and Redis's inline commands) and
+the encoding of every reply the frontend builds itself. No asyncio, no zmq, no sockets.
+Rules:
+  1. hiredis builds the argv lists, but it would buffer anything it is fed (a `*4000000000` header
+     allocates a list, a `$2000000000` header waits for 2 GB). So a scanner here reads every header
+     first, checks it against the caps, and feeds hiredis only frames it has vetted; hiredis never
+     sees inline commands, `*0`/`*-1`, or bytes after an error.
+  2. The caps and error texts are Redis's (`processMultibulkBuffer`, `processInlineBuffer`):
+     a bulk above `max_bulk_bytes` or not a plain integer -> "invalid bulk length"; a count above
+     `max_multibulk_length` -> "invalid multibulk length"; an element that is not a bulk ->
+     "expected '$', got 'X'"; no newline within 64 KiB -> "too big inline request" / "too big
+     mbulk count string" / "too big bulk count string". A command whose declared size passes
+     `max_request_bytes` is refused from its headers, before its bytes arrive (h11's cap on an
+     incomplete event; Redis's client-query-buffer-limit, 1 GiB).
+  3. A protocol error is final: the reader keeps it and ignores later bytes. The stream cannot be
+     resynchronised (hiredis clears its buffer on error), so the connection replies and closes.
+  4. A partial frame is not an error: the reader waits for more bytes.
+  5. The scanner decides every frame boundary and feeds hiredis only array bytes, so the two can
+     never disagree. It is never laxer than hiredis (integers as Redis's string2ll: optional '-',
+     no '+', no leading zeros, no spaces) and stricter than Redis in one place: a bulk must be
+     followed by CRLF (Redis skips two bytes unchecked, then parses a wrong length's leftovers as
+     the next command).
+"""
+from __future__ import annotations
+
+import re
+
+import hiredis
+
+from floki import reply
+from floki.errors import ProtocolError, to_reply
+
+MAX_BULK_BYTES = 512 * 1024**2          # Redis's proto-max-bulk-len default
+MAX_MULTIBULK_LENGTH = 1024 * 1024      # Redis's multibulk cap before 7.0
+MAX_REQUEST_BYTES = 1024**3             # Redis's client-query-buffer-limit default
+MAX_INLINE_BYTES = 64 * 1024            # Redis's PROTO_INLINE_MAX_SIZE
+
+_CRLF = b"\r\n"
+_BAD_BULK_END = "bulk data does not end with CRLF"
+# Bytes that make an inline line need the quote-aware splitter instead of bytes.split().
+_INLINE_SPECIAL = re.compile(rb"[\"'\x00\x0b\x0c]")
+_HEX = b"0123456789abcdefABCDEF"
+_ESCAPES = {ord("n"): 10, ord("r"): 13, ord("t"): 9, ord("b"): 8, ord("a"): 7}
+_INLINE_BREAK = b" \n\r\t\x00"          # what ends an unquoted inline argument (sdssplitargs)
+_SPACE = b" \t\n\r\x0b\x0c"             # C isspace()
+
+
+def _header_int(raw: bytes) -> int | None:
+    """Returns the integer in a `*`/`$` header as Redis's string2ll reads it, or None."""
+    if raw.isdigit():
+        if (raw[0] == 48 and len(raw) > 1) or len(raw) > 19:
+            return None
+        return int(raw)
+    if raw[:1] == b"-" and raw[1:].isdigit() and raw[1] != 48 and len(raw) <= 20:
+        return -int(raw[1:])
+    return None
+
+
+def split_inline(line: bytes) -> list[bytes]:
+    """Splits an inline command line as Redis's sdssplitargs does (quotes and escapes).
+
+    Returns the arguments (empty for a blank line). Raises ProtocolError on unbalanced quotes.
+    """
+    if not _INLINE_SPECIAL.search(line):
+        return line.split()
+    args: list[bytes] = []
+    n = len(line)
+    p = 0
+    while True:
+        while p < n and line[p] in _SPACE:
+            p += 1
+        if p >= n or line[p] == 0:     # sdssplitargs stops at NUL: the line is a C string
+            return args
+        current = bytearray()
+        in_double = in_single = False
+        while True:
+            c = line[p] if p < n else 0
+            if in_double:
+                nxt = line[p + 1] if p + 1 < n else 0
+                if (c == 92 and nxt == 120 and p + 3 < n and line[p + 2] in _HEX
+                        and line[p + 3] in _HEX):
+                    current.append(int(line[p + 2:p + 4], 16))
+                    p += 3
+                elif c == 92 and nxt:
+                    p += 1
+                    current.append(_ESCAPES.get(nxt, nxt))
+                elif c == 34:
+                    after = line[p + 1] if p + 1 < n else 0
+                    if after and after not in _SPACE:
+                        raise ProtocolError("unbalanced quotes in request")
+                    p += 1
+                    break
+                elif c == 0:
+                    raise ProtocolError("unbalanced quotes in request")
+                else:
+                    current.append(c)
+            elif in_single:
+                nxt = line[p + 1] if p + 1 < n else 0
+                if c == 92 and nxt == 39:
+                    p += 1
+                    current.append(39)
+                elif c == 39:
+                    after = line[p + 1] if p + 1 < n else 0
+                    if after and after not in _SPACE:
+                        raise ProtocolError("unbalanced quotes in request")
+                    p += 1
+                    break
+                elif c == 0:
+                    raise ProtocolError("unbalanced quotes in request")
+                else:
+                    current.append(c)
+            elif c in _INLINE_BREAK:
+                break
+            elif c == 34:
+                in_double = True
+            elif c == 39:
+                in_single = True
+            else:
+                current.append(c)
+            p += 1
+        args.append(bytes(current))
+
+
+class RequestReader:
+    """Turns a client's byte stream into argv lists (lists of bytes, argv[0] the command name).
+
+    Use: `feed(data)` each time bytes arrive, then `commands()` until it returns [].
+    """
+
+    __slots__ = ("_hiredis", "_carry", "_elements", "_skip", "_last_byte", "_frame_bytes",
+                 "_ready", "_error", "max_bulk_bytes", "max_multibulk_length", "max_request_bytes")
+
+    def __init__(self, max_bulk_bytes: int = MAX_BULK_BYTES,
+                 max_multibulk_length: int = MAX_MULTIBULK_LENGTH,
+                 max_request_bytes: int = MAX_REQUEST_BYTES):
+        self.max_bulk_bytes = max_bulk_bytes
+        self.max_multibulk_length = max_multibulk_length
+        self.max_request_bytes = max_request_bytes
+        self._hiredis = hiredis.Reader()
+        self._carry = b""        # an unterminated header or inline line, not yet fed to hiredis
+        self._elements = 0       # bulk headers still expected in the current array (0: between)
+        self._skip = 0           # body bytes (+ CRLF) of the current bulk still to come
+        self._last_byte = 0      # last byte of a feed that ended inside a body (its CR, maybe)
+        self._frame_bytes = 0    # declared size of the current array so far (headers + bodies)
+        self._ready: list = []   # complete commands not yet returned, in order
+        self._error: ProtocolError | None = None
+
+    @property
+    def failed(self) -> bool:
+        """True once a protocol error was found (it is raised after the commands before it)."""
+        return self._error is not None
+
+    def commands(self) -> list[list[bytes]]:
+        """Returns the complete commands fed so far, in order; [] means "need more bytes".
+
+        Raises ProtocolError once every command before the broken bytes has been returned.
+        """
+        ready = self._ready
+        if ready:
+            self._ready = []
+            return ready
+        if self._error is not None:
+            raise self._error
+        return ready
+
+    def feed(self, data: bytes) -> None:
+        """Takes the next bytes of the stream. Never raises: errors surface in `commands()`."""
+        if self._error is not None or not data:
+            return
+        if self._carry:
+            data = self._carry + data
+            self._carry = b""
+        try:
+            self._scan(data)
+        except ProtocolError as exc:
+            self._error = exc
+        # hiredis holds every vetted frame; fetch them where the scanner left their markers.
+        ready = self._ready
+        gets = self._hiredis.gets
+        try:
+            for i, item in enumerate(ready):
+                if item is None:
+                    ready[i] = gets()
+        except hiredis.ProtocolError as exc:  # unreachable while rule 5 holds; never resync
+            del ready[i:]
+            self._error = ProtocolError(str(exc))
+
+    def _scan(self, data: bytes) -> None:
+        """Walks the headers of `data`, appending inline argvs and a None per array to `_ready`.
+
+        Feeds hiredis every byte of the arrays it vetted, up to the first broken header.
+        Raises ProtocolError.
+        """
+        # The hot path: about one `find` and one `int` per argument; bodies are skipped by
+        # arithmetic, never read. Locals instead of attributes inside the loops.
+        n = len(data)
+        start = 0          # first byte not yet fed to hiredis
+        ready = self._ready
+        elements = self._elements
+        frame_bytes = self._frame_bytes
+        max_bulk = self.max_bulk_bytes
+        max_request = self.max_request_bytes
+        pos = self._skip   # finish the body a previous feed ended in
+        if pos:
+            if pos > n:
+                self._skip = pos - n
+                self._last_byte = data[-1]
+                self._hiredis.feed(data)
+                return
+            self._skip = 0
+            if data[pos - 1] != 10 or (data[pos - 2] if pos >= 2 else self._last_byte) != 13:
+                raise ProtocolError(_BAD_BULK_END)
+            if not elements:
+                ready.append(None)
+        find = data.find
+        try:
+            while pos < n:
+                if not elements:
+                    if data[pos] != 42:             # b"*"
+                        # An inline command: one line split on blanks (telnet's form).
+                        if start < pos:
+                            self._hiredis.feed(data, start, pos - start)
+                        start = pos
+                        eol = find(b"\n", pos)
+                        if eol < 0:
+                            if n - pos > MAX_INLINE_BYTES:
+                                raise ProtocolError("too big inline request")
+                            break
+                        end = eol - 1 if eol > pos and data[eol - 1] == 13 else eol
+                        argv = split_inline(data[pos:end])
+                        if argv:
+                            ready.append(argv)
+                        pos = start = eol + 1
+                        continue
+                    eol = find(_CRLF, pos)
+                    if eol < 0:
+                        if n - pos > MAX_INLINE_BYTES:
+                            raise ProtocolError("too big mbulk count string")
+                        break
+                    count = _header_int(data[pos + 1:eol])
+                    if count is None or count > self.max_multibulk_length:
+                        raise ProtocolError("invalid multibulk length")
+                    if count <= 0:                        # ignored, as Redis does
+                        if start < pos:
+                            self._hiredis.feed(data, start, pos - start)
+                        pos = start = eol + 2
+                        continue
+                    frame_bytes = eol - pos + 2
+                    elements = count
+                    pos = eol + 2
+                # Inside an array: `elements` bulk headers still expected.
+                while elements and pos < n:
+                    if data[pos] != 36:                 # b"$"
+                        raise ProtocolError(f"expected '$', got '{chr(data[pos])}'")
+                    eol = find(b"\r\n", pos)
+                    if eol < 0:
+                        if n - pos > MAX_INLINE_BYTES:
+                            raise ProtocolError("too big bulk count string")
+                        break
+                    if eol - pos > 20:                    # 19 digits at most (int64)
+                        raise ProtocolError("invalid bulk length")
+                    raw = data[pos + 1:eol]
+                    if not raw.isdigit() or (raw[0] == 48 and eol - pos > 2):
+                        raise ProtocolError("invalid bulk length")   # also negative: `$-1`
+                    length = int(raw)
+                    if length > max_bulk:
+                        raise ProtocolError("invalid bulk length")
+                    frame_bytes += eol - pos + 4 + length
+                    if frame_bytes > max_request:
+                        raise ProtocolError("too big request")
+                    elements -= 1
+                    pos = eol + 4 + length                # past the body and its CRLF
+                    if pos > n:
+                        self._skip = pos - n
+                        self._last_byte = data[-1]
+                        pos = n
+                        break
+                    if data[pos - 1] != 10 or data[pos - 2] != 13:
+                        raise ProtocolError(_BAD_BULK_END)
+                else:
+                    if not elements:
+                        ready.append(None)                # array complete: hiredis has it
+                    continue
+                break                                     # need more bytes
+        finally:
+            self._elements = elements
+            self._frame_bytes = frame_bytes
+            # Bytes from `start` to `pos` are vetted array bytes; from `pos` on, an unfinished
+            # line (kept for the next feed) or the broken bytes (dropped with the error).
+            if pos > start:
+                self._hiredis.feed(data, start, pos - start)
+        if pos < n:
+            self._carry = data[pos:]
+
+
+# --- encoders: reply values -> RESP bytes ----------------------------------------------------
+# Thin layers over floki/reply.py (the one place reply bytes are made) that take Python values.
+# `protover` is the connection's protocol (2 or 3, switched by HELLO). Only nulls, maps and
+# verbatim strings differ between the two; RESP2 gets the forms Redis itself sends.
+
+OK = reply.OK
+PONG = b"+PONG\r\n"
+EMPTY_ARRAY = reply.EMPTY_ARRAY
+encode_integer = reply.integer
+encode_null = reply.null          # `$-1` in RESP2, `_` in RESP3
+
+
+def encode_simple(text: str | bytes) -> bytes:
+    """Returns a simple string (`+text`). `text` must not contain CR or LF."""
+    return reply.simple(text if isinstance(text, str) else text.decode())
+
+
+def encode_error(exc: BaseException) -> bytes:
+    """Returns the error line for `exc`; errors.to_reply is the one map from errors to RESP."""
+    return to_reply(exc)
+
+
+def encode_bulk(value: str | bytes) -> bytes:
+    return reply.bulk(value.encode() if isinstance(value, str) else value)
+
+
+def encode_verbatim(text: str | bytes, protover: int) -> bytes:
+    """Returns human-readable text (INFO): a RESP3 verbatim string `=…txt:`, a RESP2 bulk."""
+    if isinstance(text, str):
+        text = text.encode()
+    if protover >= 3:
+        return b"=%d\r\ntxt:%b\r\n" % (len(text) + 4, text)
+    return reply.bulk(text)
+
+
+def encode_array(items: list | tuple, protover: int = 2) -> bytes:
+    """Returns an array of `items`, each encoded by `encode_value`."""
+    return reply.array(encode_value(item, protover) for item in items)
+
+
+def encode_map(mapping: dict, protover: int) -> bytes:
+    """Returns a RESP3 map (`%`), or in RESP2 a flat array of keys and values, as Redis does."""
+    return reply.map_(((encode_value(key, protover), encode_value(value, protover))
+                       for key, value in mapping.items()), protover)
+
+
+def encode_value(value, protover: int = 2) -> bytes:
+    """Returns `value` as RESP: bytes/str -> bulk, bool/int -> integer, None -> null,
+    list/tuple -> array, dict -> map. Raises TypeError for anything else (a bug)."""
+    if isinstance(value, (bytes, str)):
+        return encode_bulk(value)
+    if isinstance(value, int):
+        return encode_integer(int(value))
+    if value is None:
+        return encode_null(protover)
+    if isinstance(value, (list, tuple)):
+        return encode_array(value, protover)
+    if isinstance(value, dict):
+        return encode_map(value, protover)
+    raise TypeError(f"cannot encode {type(value).__name__} as RESP")

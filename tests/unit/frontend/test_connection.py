@@ -1,0 +1,487 @@
+"""floki/frontend/connection.py driven through a MockTransport and a fake router (no sockets)."""
+import json
+import logging
+
+import hiredis
+import pytest
+
+from floki import wire
+from floki.config import ServerConfig
+from floki.errors import ShardUnavailable, to_reply
+from floki.frontend import connection as connection_module
+from floki.frontend.connection import Connection, Frontend
+from floki.frontend.router import UNAVAILABLE
+from floki.routing import shard_for
+
+UNAVAILABLE_REPLY = to_reply(ShardUnavailable())
+
+
+class MockTransport:
+    """The parts of asyncio.Transport a Connection uses, recording every call."""
+
+    def __init__(self, peer=("127.0.0.1", 50000)):
+        self.writes: list[bytes] = []
+        self.closed = False
+        self.aborted = False
+        self.read_paused = False
+        self.buffer_size = 0
+        self.peer = peer
+
+    @property
+    def output(self) -> bytes:
+        return b"".join(self.writes)
+
+    def write(self, data: bytes) -> None:
+        assert not self.closed, "write after close"
+        self.writes.append(data)
+
+    def close(self) -> None:
+        self.closed = True
+
+    def abort(self) -> None:
+        self.closed = self.aborted = True
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def pause_reading(self) -> None:
+        assert not self.read_paused
+        self.read_paused = True
+
+    def resume_reading(self) -> None:
+        assert self.read_paused
+        self.read_paused = False
+
+    def set_write_buffer_limits(self, high=None, low=None) -> None:
+        pass
+
+    def get_write_buffer_size(self) -> int:
+        return self.buffer_size
+
+    def get_extra_info(self, name, default=None):
+        return {"peername": self.peer, "sockname": ("127.0.0.1", 9797)}.get(name, default)
+
+
+class MockLoop:
+    """call_soon only queues; the test runs the queue (uvicorn's MockLoop)."""
+
+    def __init__(self):
+        self.ready = []
+
+    def call_soon(self, callback, *args):
+        self.ready.append((callback, args))
+
+    def run_ready(self) -> None:
+        while self.ready:
+            callback, args = self.ready.pop(0)
+            callback(*args)
+
+
+class FakeRouter:
+    """Records sends; the test answers them in any order. Shards in `down` fail at once."""
+
+    def __init__(self, shard_count=2):
+        self.shard_count = shard_count
+        self.sent = {}             # request id -> (shard, argv, on_reply)
+        self.cancelled = []
+        self.down = set()
+        self._next = 0
+
+    def send(self, index, argv, on_reply):
+        self._next += 1
+        if index in self.down:
+            on_reply(UNAVAILABLE, UNAVAILABLE_REPLY)
+        else:
+            self.sent[self._next] = (index, argv, on_reply)
+        return self._next
+
+    def cancel(self, request_id):
+        self.cancelled.append(request_id)
+
+    def answer(self, request_id, payload, status=wire.RESP):
+        self.sent.pop(request_id)[2](status, payload)
+
+    def ids_for(self, argv0):
+        return [rid for rid, (_, argv, _) in self.sent.items() if argv[0] == argv0]
+
+
+class Client:
+    """One Connection with its transport, loop and router, plus RESP helpers."""
+
+    def __init__(self, frontend=None, router=None, config=None):
+        self.router = router or FakeRouter()
+        self.loop = MockLoop()
+        self.frontend = frontend or Frontend(config or ServerConfig(), self.router, self.loop)
+        self.transport = MockTransport()
+        self.conn = Connection(self.frontend)
+        self.conn.connection_made(self.transport)
+
+    def send(self, data: bytes) -> None:
+        self.conn.data_received(data)
+
+    def replies(self) -> list:
+        """Every reply written so far, parsed (errors as hiredis ReplyError objects)."""
+        reader = hiredis.Reader()
+        reader.feed(self.transport.output)
+        out = []
+        while (reply := reader.gets()) is not False:
+            out.append(reply)
+        return out
+
+    def settle(self) -> None:
+        self.loop.run_ready()
+
+
+def resp(*argv: bytes) -> bytes:
+    return b"*%d\r\n" % len(argv) + b"".join(b"$%d\r\n%b\r\n" % (len(a), a) for a in argv)
+
+
+def queue_on(shard: int, shard_count: int = 2) -> bytes:
+    """A queue name that routes to `shard`."""
+    return next(b"q%d" % i for i in range(1000) if shard_for("q%d" % i, shard_count) == shard)
+
+
+# --- local commands -----------------------------------------------------------------------
+
+def test_ping_inline_and_array_and_echo():
+    client = Client()
+    client.send(b"PING\r\n" + resp(b"PING", b"hi") + resp(b"ECHO", b"x\r\ny"))
+    assert client.transport.output == b"+PONG\r\n$2\r\nhi\r\n$4\r\nx\r\ny\r\n"
+    assert len(client.transport.writes) == 1            # one write for the batch
+
+
+def test_unknown_command_is_an_error_and_the_connection_lives():
+    client = Client()
+    client.send(resp(b"FOO", b"a") + resp(b"ping"))
+    assert client.transport.output == (b"-ERR unknown command 'FOO', with args beginning with: "
+                                       b"'a' \r\n+PONG\r\n")
+    assert not client.transport.closed
+
+
+def test_quit_answers_ok_closes_and_ignores_the_rest():
+    client = Client()
+    q = queue_on(0)
+    client.send(resp(b"PING") + resp(b"QUIT") + resp(b"RPUSH", q, b"lost"))
+    assert client.transport.output == b"+PONG\r\n+OK\r\n"
+    assert client.transport.closed and client.router.sent == {}
+
+
+def test_select_auth_and_hello():
+    client = Client()
+    client.send(resp(b"SELECT", b"0") + resp(b"SELECT", b"1") + resp(b"AUTH", b"pw"))
+    assert client.transport.output == (
+        b"+OK\r\n-ERR DB index is out of range\r\n"
+        b"-ERR AUTH <password> called without any password configured for the default user. "
+        b"Are you sure your configuration is correct?\r\n")
+    client.transport.writes.clear()
+    client.send(resp(b"HELLO", b"4"))
+    assert client.transport.output == b"-NOPROTO unsupported protocol version\r\n"
+    client.transport.writes.clear()
+    client.send(resp(b"HELLO", b"3", b"AUTH", b"default", b"pw", b"SETNAME", b"me"))
+    hello = client.transport.output
+    assert hello.startswith(b"%7\r\n$6\r\nserver\r\n$5\r\nfloki\r\n")
+    assert b"$5\r\nproto\r\n:3\r\n" in hello and b"$4\r\nmode\r\n$10\r\nstandalone\r\n" in hello
+    assert b"$7\r\nmodules\r\n*0\r\n" in hello and b"$4\r\nrole\r\n$6\r\nmaster\r\n" in hello
+    assert client.conn.session.protover == 3 and client.conn.session.name == "me"
+    client.transport.writes.clear()
+    client.send(resp(b"HELLO") + resp(b"HELLO", b"2"))  # keep 3, then back to 2 (flat array)
+    out = client.transport.output
+    assert out.startswith(b"%7\r\n") and b"*14\r\n$6\r\nserver\r\n" in out
+    assert client.conn.session.protover == 2
+
+
+def test_client_subcommands():
+    client = Client()
+    client.send(resp(b"CLIENT", b"GETNAME") + resp(b"CLIENT", b"SETNAME", b"worker-1")
+                + resp(b"CLIENT", b"GETNAME") + resp(b"CLIENT", b"ID")
+                + resp(b"CLIENT", b"SETINFO", b"LIB-NAME", b"redis-py")
+                + resp(b"CLIENT", b"SETINFO", b"lib-ver", b"8.1.0")
+                + resp(b"CLIENT", b"SETNAME", b"bad name")
+                + resp(b"CLIENT", b"NOPE") + resp(b"CLIENT", b"INFO"))
+    replies = client.replies()
+    assert replies[:6] == [None, b"OK", b"worker-1", client.conn.session.client_id, b"OK", b"OK"]
+    assert str(replies[6]) == ("ERR Client names cannot contain spaces, newlines or special "
+                               "characters.")
+    assert str(replies[7]) == "ERR unknown subcommand 'NOPE'. Try CLIENT HELP."
+    info = replies[8].decode()
+    assert info.startswith(f"id={client.conn.session.client_id} addr=127.0.0.1:50000 ")
+    assert "name=worker-1" in info and "lib-name=redis-py lib-ver=8.1.0" in info
+
+
+def test_command_docs_count_and_table():
+    client = Client()
+    client.send(resp(b"COMMAND", b"DOCS") + resp(b"COMMAND", b"COUNT") + resp(b"COMMAND")
+                + resp(b"COMMAND", b"BOGUS"))
+    docs, count, table, bogus = client.replies()
+    assert docs == [] and count == len(table) and count >= 18
+    rpush = next(entry for entry in table if entry[0] == b"rpush")
+    assert rpush[1] == -3                                # RPUSH queue msg [msg ...]
+    assert str(bogus) == "ERR unknown subcommand 'BOGUS'. Try COMMAND HELP."
+    client.transport.writes.clear()
+    client.send(resp(b"HELLO", b"3") + resp(b"COMMAND", b"DOCS"))
+    assert client.transport.output.endswith(b"%0\r\n")  # an empty RESP3 map
+
+
+# --- shard commands: ordering -------------------------------------------------------------
+
+def test_pipelined_replies_keep_request_order_across_shards():
+    client = Client()
+    q0, q1 = queue_on(0), queue_on(1)
+    client.send(resp(b"RPUSH", q0, b"a") + resp(b"RPUSH", q1, b"b") + resp(b"PING")
+                + resp(b"HMGET", q0, b"c", b"1"))
+    assert client.transport.writes == []                 # the head waits for shard 0
+    (a,), (b,), (g,) = (client.router.ids_for(b"RPUSH")[:1], client.router.ids_for(b"RPUSH")[1:],
+                        client.router.ids_for(b"HMGET"))
+    assert client.router.sent[a][0] == 0 and client.router.sent[b][0] == 1
+    assert client.router.sent[a][1] == [b"RPUSH", q0, b"a"]   # argv passed through verbatim
+    client.router.answer(g, b"*0\r\n")                   # last first
+    client.router.answer(b, b":7\r\n")
+    client.settle()
+    assert client.transport.writes == []                 # still waiting for the head
+    client.router.answer(a, b":1\r\n")
+    client.settle()
+    assert client.transport.writes == [b":1\r\n:7\r\n+PONG\r\n*0\r\n"]   # one write
+
+
+def test_a_reply_is_flushed_once_per_loop_pass():
+    client = Client()
+    q = queue_on(1)
+    client.send(resp(b"RPUSH", q, b"a") + resp(b"RPUSH", q, b"b"))
+    a, b = client.router.ids_for(b"RPUSH")
+    client.router.answer(a, b":1\r\n")
+    client.router.answer(b, b":2\r\n")
+    assert len(client.loop.ready) == 1                   # one flush scheduled, not two
+    client.settle()
+    assert client.transport.writes == [b":1\r\n:2\r\n"]
+
+
+def test_shard_unavailable_is_an_error_reply():
+    router = FakeRouter()
+    router.down.add(0)
+    client = Client(router=router)
+    client.send(resp(b"RPUSH", queue_on(0), b"x") + resp(b"PING"))
+    assert client.transport.output == UNAVAILABLE_REPLY + b"+PONG\r\n"
+    assert not client.transport.closed
+
+
+def test_bad_arguments_are_refused_before_reaching_a_shard():
+    client = Client(config=ServerConfig(max_message_size=3))
+    client.send(resp(b"RPUSH", b"q", b"toolong") + resp(b"HMGET", b"q", b"c", b"x")
+                + resp(b"RPUSH", b"../etc", b"x"))
+    errors = [str(e) for e in client.replies()]
+    assert errors[0].startswith("ERR message too large")
+    assert errors[1] == "IPA Invalid count value"
+    assert errors[2] == "IPA Invalid Identifier Name"
+    assert client.router.sent == {}
+
+
+# --- fan-out ------------------------------------------------------------------------------------
+
+def answer_all(client, argv0, payloads, status=wire.JSON):
+    ids = client.router.ids_for(argv0)
+    assert len(ids) == len(payloads)
+    for rid in ids:
+        shard = client.router.sent[rid][0]
+        client.router.answer(rid, payloads[shard], status)
+    client.settle()
+
+
+def test_info_queues_is_the_union_of_every_shard():
+    client = Client()
+    client.send(resp(b"INFO", b"queues"))
+    assert sorted(s for s, _, _ in client.router.sent.values()) == [0, 1]
+    answer_all(client, b"INFO", [b'{"a":{"head":1}}', b'{"b":{"head":2}}'])
+    (reply,) = client.replies()
+    assert json.loads(reply[0]) == {"a": {"head": 1}, "b": {"head": 2}}
+
+
+def test_info_server_adds_the_frontends_own_fields_and_counts_shards_up():
+    router = FakeRouter(3)
+    router.down.add(2)
+    client = Client(router=router)
+    client.send(resp(b"INFO", b"server"))
+    answer_all(client, b"INFO", {0: b'{"queue_count":2,"blocked_client_count":1}',
+                                 1: b'{"queue_count":3,"blocked_client_count":0}'})
+    info = json.loads(client.replies()[0][0])
+    assert info["queue_count"] == 5 and info["blocked_client_count"] == 1
+    assert info["shards"] == 3 and info["shards_up"] == 2 and info["client_count"] == 1
+    assert {"version", "uptime_s", "pid"} <= set(info)
+
+
+def test_plain_info_is_a_bulk_of_key_value_lines():
+    client = Client()
+    client.send(resp(b"INFO"))
+    answer_all(client, b"INFO", [b'{"queue_count":1}', b'{"queue_count":1}'])
+    (text,) = client.replies()
+    assert isinstance(text, bytes) and text.startswith(b"# Server\r\n")
+    assert b"\r\nqueue_count:2\r\n" in text and b"\r\nshards_up:2\r\n" in text
+
+
+def test_config_get_of_a_missing_queue_is_qnf_and_shard_errors_win():
+    client = Client()
+    client.send(resp(b"CONFIG", b"GET", b"queues.nope") + resp(b"INFO", b"queues"))
+    answer_all(client, b"CONFIG", [b"{}", b"{}"])
+    assert client.transport.output == b"-QNF Queue Not Found\r\n"   # INFO still outstanding
+    ids = client.router.ids_for(b"INFO")
+    client.router.answer(ids[0], b"-IPA broken\r\n", wire.RESP)
+    client.router.answer(ids[1], b"{}")
+    client.settle()
+    assert client.transport.output == b"-QNF Queue Not Found\r\n-IPA broken\r\n"
+
+
+def test_config_set_needs_every_shard_then_applies_to_the_frontend():
+    client = Client(config=ServerConfig(max_get_count=100))
+    client.send(resp(b"CONFIG", b"SET", b"server.max_get_count", b"5"))
+    answer_all(client, b"CONFIG", [b'{"ok":true}', b'{"ok":true}'])
+    assert client.transport.output == b"+OK\r\n"
+    assert client.frontend.limits.max_get_count == 5
+    client.transport.writes.clear()
+    client.send(resp(b"HMGET", b"q", b"c", b"6"))        # the new limit holds at once
+    assert client.transport.output == b"-IPA Invalid count value (max 5)\r\n"
+
+    client.transport.writes.clear()
+    client.send(resp(b"CONFIG", b"SET", b"server.max_get_count", b"7"))
+    ids = client.router.ids_for(b"CONFIG")
+    client.router.answer(ids[0], b'{"ok":true}', wire.JSON)
+    client.router.answer(ids[1], b"-IPA Invalid CONFIG SET parameter\r\n", wire.RESP)
+    client.settle()
+    assert client.transport.output == b"-IPA Invalid CONFIG SET parameter\r\n"
+    assert client.frontend.limits.max_get_count == 5
+
+
+# --- errors, flow control, lifecycle ---------------------------------------------------------
+
+def test_protocol_error_waits_for_earlier_replies_then_closes():
+    client = Client()
+    client.send(resp(b"RPUSH", queue_on(0), b"x") + resp(b"PING") + b"*1\r\n$x\r\n"
+                + resp(b"PING"))
+    assert client.transport.writes == [] and not client.transport.closed
+    assert client.transport.read_paused                  # nothing more is read
+    (rid,) = client.router.sent
+    client.router.answer(rid, b":1\r\n")
+    client.settle()
+    assert client.transport.output == (b":1\r\n+PONG\r\n"
+                                       b"-ERR Protocol error: invalid bulk length\r\n")
+    assert client.transport.closed
+    client.send(resp(b"PING"))                           # late bytes are ignored
+    assert client.transport.output.endswith(b"invalid bulk length\r\n")
+
+
+def test_a_bug_is_logged_and_answered_internal_error(caplog):
+    class BrokenRouter(FakeRouter):
+        def send(self, index, argv, on_reply):
+            raise RuntimeError("boom")
+    client = Client(router=BrokenRouter())
+    with caplog.at_level(logging.ERROR):
+        client.send(resp(b"RPUSH", b"q", b"x") + resp(b"PING"))
+    assert client.transport.output == b"-ERR internal error\r\n+PONG\r\n"
+    assert "boom" in caplog.text and "Traceback" in caplog.text
+    assert not client.transport.closed
+
+
+def test_json_from_a_shard_for_a_queue_command_is_not_written():
+    client = Client()
+    client.send(resp(b"RPUSH", b"q", b"x"))
+    (rid,) = client.router.sent
+    client.router.answer(rid, b'{"x":1}', wire.JSON)
+    client.settle()
+    assert client.transport.output == b"-ERR internal error\r\n"
+
+
+def test_reading_pauses_above_the_high_water_mark_and_resumes_below(monkeypatch):
+    monkeypatch.setattr(connection_module, "HIGH_WATER_SLOTS", 10)
+    monkeypatch.setattr(connection_module, "LOW_WATER_SLOTS", 4)
+    client = Client()
+    q = queue_on(0)
+    client.send(resp(b"RPUSH", q, b"x") * 10)
+    assert not client.transport.read_paused
+    client.send(resp(b"RPUSH", q, b"x"))
+    assert client.transport.read_paused
+    ids = sorted(client.router.sent)
+    for rid in ids[:6]:
+        client.router.answer(rid, b":1\r\n")
+    client.settle()
+    assert client.transport.read_paused                  # 5 outstanding: not yet
+    client.router.answer(ids[6], b":1\r\n")
+    client.settle()
+    assert not client.transport.read_paused              # 4 outstanding
+
+
+def test_a_full_write_buffer_pauses_reading():
+    client = Client()
+    client.conn.pause_writing()
+    assert client.transport.read_paused
+    client.conn.resume_writing()
+    assert not client.transport.read_paused
+
+
+def test_a_client_that_never_reads_is_disconnected(monkeypatch):
+    monkeypatch.setattr(connection_module, "MAX_OUTPUT_BUFFER_BYTES", 100)
+    client = Client()
+    client.send(resp(b"PING"))
+    client.transport.buffer_size = 101
+    client.send(resp(b"PING"))
+    assert client.transport.aborted
+
+
+def test_connection_lost_cancels_requests_still_at_the_shards():
+    client = Client()
+    client.send(resp(b"RPUSH", queue_on(0), b"x") + resp(b"HMGET", queue_on(1), b"c", b"1", b"30")
+                + resp(b"INFO", b"queues"))
+    rpush, hmget = client.router.ids_for(b"RPUSH")[0], client.router.ids_for(b"HMGET")[0]
+    info_ids = client.router.ids_for(b"INFO")
+    client.router.answer(rpush, b":1\r\n")
+    client.router.answer(info_ids[0], b"{}", wire.JSON)
+    client.conn.connection_lost(None)
+    assert sorted(client.router.cancelled) == sorted([hmget, info_ids[1]])
+    assert client.conn not in client.frontend.connections
+    client.settle()                                      # a flush scheduled before: harmless
+
+
+def test_max_connections_refuses_one_more():
+    router, loop = FakeRouter(), MockLoop()
+    frontend = Frontend(ServerConfig(max_connections=2), router, loop)
+    clients = [Client(frontend=frontend) for _ in range(3)]
+    assert len(frontend.connections) == 2
+    extra = clients[2].transport
+    assert extra.output == b"-ERR max number of clients reached\r\n" and extra.closed
+    clients[2].send(resp(b"PING"))
+    assert extra.output == b"-ERR max number of clients reached\r\n"
+    clients[0].conn.connection_lost(None)
+    assert Client(frontend=frontend).transport.closed is False
+
+
+def test_eof_answers_what_was_sent_then_closes():
+    client = Client()
+    client.send(resp(b"RPUSH", queue_on(0), b"x"))
+    assert client.conn.eof_received() is True            # keep the transport open for replies
+    (rid,) = client.router.sent
+    client.router.answer(rid, b":1\r\n")
+    client.settle()
+    assert client.transport.output == b":1\r\n" and client.transport.closed
+    idle = Client()
+    assert idle.conn.eof_received() is False
+
+
+def test_shutdown_finishes_outstanding_replies_then_closes():
+    client = Client()
+    client.send(resp(b"RPUSH", queue_on(0), b"x"))
+    client.conn.shutdown()
+    assert not client.transport.closed and client.transport.read_paused
+    client.send(resp(b"PING"))                           # no new commands once stopping
+    (rid,) = client.router.sent
+    client.router.answer(rid, b":1\r\n")
+    client.settle()
+    assert client.transport.output == b":1\r\n" and client.transport.closed
+    idle = Client()
+    idle.conn.shutdown()
+    assert idle.transport.closed
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 64])
+def test_commands_split_across_reads(chunk):
+    client = Client()
+    data = resp(b"ECHO", b"hello") + b"PING\r\n" + resp(b"ECHO", b"")
+    for i in range(0, len(data), chunk):
+        client.send(data[i:i + chunk])
+    assert client.transport.output == b"$5\r\nhello\r\n+PONG\r\n$0\r\n\r\n"

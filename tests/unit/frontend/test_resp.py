@@ -1,0 +1,281 @@
+"""floki/frontend/resp.py: request framing (corpus, chunking, caps, fuzz) and reply encoders."""
+import json
+import random
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from floki.errors import InvalidParameter, ProtocolError
+from floki.frontend import resp
+from floki.frontend.resp import RequestReader, split_inline
+
+CORPUS = Path(__file__).resolve().parents[2] / "data" / "resp"
+
+
+def corpus(kind: str) -> list[tuple[str, bytes, dict]]:
+    cases = []
+    for path in sorted((CORPUS / kind).glob("*.resp")):
+        expected = json.loads(path.with_suffix(".json").read_text())
+        cases.append((path.stem, path.read_bytes(), expected))
+    assert cases, f"empty corpus {kind}"
+    return cases
+
+
+def as_bytes(commands: list[list[str]]) -> list[list[bytes]]:
+    return [[arg.encode("latin-1") for arg in argv] for argv in commands]
+
+
+def chunkings(data: bytes) -> dict[str, list[bytes]]:
+    """The same bytes split whole, byte by byte, and at random places (fixed seeds)."""
+    out = {"whole": [data], "bytewise": [data[i:i + 1] for i in range(len(data))]}
+    for seed in range(3):
+        rng = random.Random(seed)
+        cuts = sorted(rng.sample(range(1, len(data)), min(len(data) - 1, rng.randint(1, 8))))
+        out[f"random{seed}"] = [data[a:b] for a, b in zip([0, *cuts], [*cuts, len(data)])]
+    return out
+
+
+def run(reader: RequestReader, chunks: list[bytes]) -> tuple[list[list[bytes]], str | None]:
+    """Feeds `chunks`, collecting commands; returns (commands, protocol error text or None)."""
+    commands: list[list[bytes]] = []
+    error = None
+    for chunk in chunks:
+        reader.feed(chunk)
+        try:
+            while batch := reader.commands():
+                commands += batch
+        except ProtocolError as exc:
+            error = exc.message
+            break
+    return commands, error
+
+
+def case_id(value) -> str:
+    return value if isinstance(value, str) else ""
+
+
+@pytest.mark.parametrize("name,data,expected", corpus("valid"), ids=case_id)
+def test_valid_corpus_decodes_the_same_in_any_chunking(name, data, expected):
+    for how, chunks in chunkings(data).items():
+        reader = RequestReader()
+        commands, error = run(reader, chunks)
+        assert error is None, how
+        assert commands == as_bytes(expected["commands"]), how
+        assert reader.failed is False
+
+
+@pytest.mark.parametrize("name,data,expected", corpus("invalid"), ids=case_id)
+def test_invalid_corpus_gives_commands_then_the_redis_error(name, data, expected):
+    for how, chunks in chunkings(data).items():
+        reader = RequestReader()
+        commands, error = run(reader, chunks)
+        assert commands == as_bytes(expected["commands"]), how
+        assert error == expected["error"], how
+
+
+def test_partial_frame_is_completed_by_later_bytes():
+    reader = RequestReader()
+    reader.feed(b"*2\r\n$4\r\nECHO\r\n$5\r\nhel")
+    assert reader.commands() == []
+    reader.feed(b"lo\r")
+    assert reader.commands() == []
+    reader.feed(b"\n")
+    assert reader.commands() == [[b"ECHO", b"hello"]]
+
+
+def test_a_large_body_split_anywhere_comes_out_whole():
+    body = bytes(range(256)) * 400
+    data = b"*3\r\n$5\r\nRPUSH\r\n$1\r\nq\r\n$%d\r\n%b\r\n" % (len(body), body) + b"PING\r\n"
+    for how, chunks in chunkings(data).items():
+        if how == "bytewise":
+            chunks = [data[i:i + 7] for i in range(0, len(data), 7)]
+        assert run(RequestReader(), chunks) == ([[b"RPUSH", b"q", body], [b"PING"]], None), how
+
+
+def test_error_is_final_and_later_bytes_are_ignored():
+    reader = RequestReader()
+    reader.feed(b"*1\r\n$x\r\n")
+    with pytest.raises(ProtocolError):
+        reader.commands()
+    reader.feed(b"*1\r\n$4\r\nPING\r\n")
+    with pytest.raises(ProtocolError) as err:
+        reader.commands()
+    assert err.value.fatal and reader.failed
+
+
+def test_commands_before_the_error_come_first_in_the_same_feed():
+    reader = RequestReader()
+    reader.feed(b"PING\r\nPING\r\n*1\r\n:1\r\n")
+    assert reader.commands() == [[b"PING"], [b"PING"]]
+    with pytest.raises(ProtocolError, match="expected '\\$', got ':'"):
+        reader.commands()
+
+
+def test_bulk_above_the_cap_is_refused_from_its_header_alone():
+    reader = RequestReader(max_bulk_bytes=1000)
+    reader.feed(b"*2\r\n$4\r\nECHO\r\n$1000\r\n")   # at the cap: fine, waits for the body
+    assert reader.commands() == []
+    reader = RequestReader(max_bulk_bytes=1000)
+    reader.feed(b"*2\r\n$4\r\nECHO\r\n$1001\r\n")   # no body byte sent yet
+    with pytest.raises(ProtocolError, match="invalid bulk length"):
+        reader.commands()
+
+
+def test_multibulk_count_above_the_cap_is_refused():
+    reader = RequestReader(max_multibulk_length=10)
+    reader.feed(b"*10\r\n")
+    assert reader.commands() == []
+    reader = RequestReader(max_multibulk_length=10)
+    reader.feed(b"*11\r\n")
+    with pytest.raises(ProtocolError, match="invalid multibulk length"):
+        reader.commands()
+
+
+def test_request_size_cap_counts_declared_bytes_before_they_arrive():
+    reader = RequestReader(max_request_bytes=100)
+    reader.feed(b"*3\r\n$5\r\nRPUSH\r\n$1\r\nq\r\n$70\r\n")   # 4+11+7+76 = 98 declared
+    assert reader.commands() == []
+    reader = RequestReader(max_request_bytes=100)
+    reader.feed(b"*3\r\n$5\r\nRPUSH\r\n$1\r\nq\r\n$73\r\n")
+    with pytest.raises(ProtocolError, match="too big request"):
+        reader.commands()
+
+
+def test_request_size_cap_is_per_command():
+    reader = RequestReader(max_request_bytes=40)
+    one = b"*2\r\n$4\r\nECHO\r\n$10\r\n0123456789\r\n"           # 34 bytes
+    assert run(reader, [one * 20]) == ([[b"ECHO", b"0123456789"]] * 20, None)
+
+
+@pytest.mark.parametrize("head,error", [
+    (b"PING ", "too big inline request"),
+    (b"*1", "too big mbulk count string"),
+    (b"*1\r\n$1", "too big bulk count string"),
+])
+def test_a_line_without_newline_past_64_kib_is_refused(head, error):
+    reader = RequestReader()
+    line = head[head.rfind(b"\n") + 1:]     # the limit counts from the start of the line
+    reader.feed(head + b"1" * (resp.MAX_INLINE_BYTES - len(line)))
+    assert reader.commands() == []          # exactly 64 KiB: still waiting
+    reader.feed(b"1")
+    with pytest.raises(ProtocolError, match=error):
+        reader.commands()
+
+
+@pytest.mark.parametrize("prefix", [b"\x00", b"*\x00", b"$\x00"])
+def test_desync_garbage_closes_with_a_protocol_error(prefix):
+    """Redis protocol.tcl 'Protocol desync regression test #1-3'."""
+    rng = random.Random(7)
+    garbage = bytes(rng.choice(b"abcdef\x00\x01*$:+ ") for _ in range(resp.MAX_INLINE_BYTES + 10))
+    commands, error = run(RequestReader(), [prefix, garbage[:1000], garbage[1000:]])
+    assert error is not None and error.startswith("Protocol error")
+
+
+@pytest.mark.parametrize("line,argv", [
+    (b"", []),
+    (b"   \t ", []),
+    (b"get key", [b"get", b"key"]),
+    (b'set "a b" c', [b"set", b"a b", b"c"]),
+    (b"set 'it''s'", None),                           # closing quote followed by a quote
+    (b"""set 'it\\'s' x""", [b"set", b"it's", b"x"]),
+    (b'echo "\\x41\\x4a\\xzz"', [b"echo", b"AJxzz"]),
+    (b'echo "tab\\there"', [b"echo", b"tab\there"]),
+    (b'echo "unterminated', None),
+    (b"echo 'unterminated", None),
+    (b'echo ""', [b"echo", b""]),
+    (b'echo "a"b', None),
+    (b"a\x0bb c", [b"a\x0bb", b"c"]),                 # \v ends no argument (only skipped between)
+    (b"a\x00b c", [b"a"]),                            # C string: NUL ends the line
+])
+def test_split_inline_follows_sdssplitargs(line, argv):
+    if argv is None:
+        with pytest.raises(ProtocolError, match="unbalanced quotes"):
+            split_inline(line)
+    else:
+        assert split_inline(line) == argv
+
+
+# --- encoders -------------------------------------------------------------------------------
+
+def test_scalar_encoders():
+    assert resp.encode_simple("OK") == b"+OK\r\n"
+    assert resp.encode_integer(-42) == b":-42\r\n"
+    assert resp.encode_bulk(b"a\r\nb") == b"$4\r\na\r\nb\r\n"
+    assert resp.encode_bulk("é") == b"$2\r\n\xc3\xa9\r\n"
+    assert resp.encode_null(2) == b"$-1\r\n"
+    assert resp.encode_null(3) == b"_\r\n"
+    assert resp.encode_error(InvalidParameter("Invalid count")) == b"-IPA Invalid count\r\n"
+    assert resp.encode_error(KeyError("x")) == b"-ERR internal error\r\n"
+
+
+def test_verbatim_is_bulk_in_resp2_and_txt_in_resp3():
+    assert resp.encode_verbatim("a:1\r\n", 2) == b"$5\r\na:1\r\n\r\n"
+    assert resp.encode_verbatim("a:1\r\n", 3) == b"=9\r\ntxt:a:1\r\n\r\n"
+
+
+def test_map_is_flat_array_in_resp2_and_map_in_resp3():
+    value = {"server": "floki", "proto": 2, "modules": []}
+    assert resp.encode_map(value, 2) == (b"*6\r\n$6\r\nserver\r\n$5\r\nfloki\r\n"
+                                         b"$5\r\nproto\r\n:2\r\n$7\r\nmodules\r\n*0\r\n")
+    assert resp.encode_map(value, 3).startswith(b"%3\r\n$6\r\nserver\r\n")
+
+
+def test_encoded_values_parse_back_with_hiredis():
+    import hiredis
+    value = [b"x", 1, None, [b"", -5], "text"]
+    reader = hiredis.Reader()
+    reader.feed(resp.encode_array(value, 2))
+    assert reader.gets() == [b"x", 1, None, [b"", -5], b"text"]
+    with pytest.raises(TypeError):
+        resp.encode_value(1.5)
+
+
+# --- properties -------------------------------------------------------------------------------
+
+def encode_request(argv: list[bytes]) -> bytes:
+    return b"*%d\r\n" % len(argv) + b"".join(b"$%d\r\n%b\r\n" % (len(a), a) for a in argv)
+
+
+def split_at(data: bytes, cuts: list[int]) -> list[bytes]:
+    cuts = sorted({c % (len(data) + 1) for c in cuts})
+    return [data[a:b] for a, b in zip([0, *cuts], [*cuts, len(data)])]
+
+
+argvs = st.lists(st.lists(st.binary(max_size=40), min_size=1, max_size=6), min_size=1, max_size=8)
+
+
+@settings(max_examples=200, deadline=None)
+@given(commands=argvs, cuts=st.lists(st.integers(min_value=0), max_size=12))
+def test_any_commands_in_any_chunking_round_trip(commands, cuts):
+    data = b"".join(encode_request(argv) for argv in commands)
+    assert run(RequestReader(), split_at(data, cuts)) == (commands, None)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.binary(max_size=300), cuts=st.lists(st.integers(min_value=0), max_size=8))
+def test_random_bytes_give_only_argvs_need_more_or_protocol_error(data, cuts):
+    reader = RequestReader(max_bulk_bytes=1000, max_multibulk_length=100, max_request_bytes=5000)
+    for chunk in split_at(data, cuts):
+        reader.feed(chunk)
+        try:
+            for argv in reader.commands():
+                assert isinstance(argv, list) and argv
+                assert all(type(arg) is bytes for arg in argv)
+        except ProtocolError:
+            return
+    assert reader.commands() == []           # whatever is left is a partial command
+
+
+resp_bytes = st.sampled_from([b"*", b"$", b"\r\n", b"\r", b"\n", b"1", b"0", b"-", b"3", b"x",
+                              b"*1\r\n", b"*2\r\n", b"$1\r\n", b"$0\r\n", b"PING", b" ", b"\""])
+
+
+@settings(max_examples=200, deadline=None)
+@given(tokens=st.lists(resp_bytes, max_size=40),
+       cuts=st.lists(st.integers(min_value=0), max_size=6))
+def test_resp_like_token_soup_parses_the_same_in_any_chunking(tokens, cuts):
+    """Mutated frames: whole and chunked feeding agree on every command and on the error."""
+    data = b"".join(tokens)
+    assert run(RequestReader(), split_at(data, cuts)) == run(RequestReader(), [data])
