@@ -1,0 +1,821 @@
+"""Segment: one log file of records with consecutive ids, and its offset index.
+
+Owns: the byte layout of segments and records (the constants below are the only copy; the
+prose is in log_format.md next to this file), the record codec, appending a batch, reading runs
+of records, and the recovery of ONE file: index validation, rebuilding it by scanning, and
+truncating a torn tail. Which segments exist, rolling and ids across segments belong to wal.py.
+Rules:
+  1. A record is never served unless its CRC32C (covering every header byte after the CRC, the
+     length included, and the body) matches and its id is the one the index promised.
+  2. A length read from disk is bounds-checked against the file (or the next index entry) BEFORE
+     it is used to read or allocate; a flipped length never reads past the file.
+  3. Ids in a segment are dense: entry i of the index is the offset of id first_id + i, or
+     NO_RECORD when that record is unreadable. Memory per message is that one u32 entry.
+  4. A batch is one os.write; if it fails the file is cut back to its size before the batch, so
+     no partial record is ever left where a later record would follow it.
+  5. A sealed segment's bytes are never changed: damage there is skipped and counted. Only the
+     active (last) segment is truncated, and only at a torn tail.
+  6. The .idx file is a hint: appended once per batch, validated at open, rebuilt when wrong.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import struct
+import sys
+from array import array
+from itertools import islice
+from operator import lt
+from pathlib import Path
+
+import crc32c
+
+from floki.shard import files
+
+log = logging.getLogger(__name__)
+
+# --- on-disk constants (log_format.md describes them; change both together) -----------------
+
+SEGMENT_MAGIC = b"FLKSEG\x00\x00"
+FORMAT_VERSION = 1
+# magic 8s, format version u32, reserved u32 (0), first_id u64, created_ms u64; little-endian.
+SEGMENT_HEADER = struct.Struct("<8sIIQQ")
+SEGMENT_HEADER_SIZE = SEGMENT_HEADER.size                  # 32
+# crc32c u32, body_length u32, id u64, timestamp_ms u64; little-endian; then the body.
+RECORD_HEADER = struct.Struct("<IIQQ")
+RECORD_HEADER_SIZE = RECORD_HEADER.size                    # 24
+CRC_SIZE = 4                                               # the CRC covers bytes [4, 24 + len)
+_COVERED_HEADER = struct.Struct("<IQQ")                    # the 20 header bytes after the CRC
+_CRC = struct.Struct("<I")
+_ID = struct.Struct("<Q")
+# Index entries are u32 offsets; NO_RECORD marks an id whose record is unreadable. A segment
+# file may therefore not exceed 2**32 - 1 bytes, so every record offset is below NO_RECORD.
+NO_RECORD = 0xFFFFFFFF
+MAX_SEGMENT_BYTES = 0xFFFFFFFF
+INDEX_ENTRY_SIZE = 4
+
+READ_CHUNK_BYTES = 1 << 20       # one pread covers a run of records up to this many bytes
+SCAN_CHUNK_BYTES = 1 << 20       # recovery scans read this much at a time
+RESYNC_WINDOW_BYTES = 1 << 20    # corruption search reads this much at a time
+RESYNC_IDS = 64                  # how many ids after a damaged record the search looks for
+
+assert array("I").itemsize == INDEX_ENTRY_SIZE, "array('I') must hold 32-bit entries"
+_SWAP_INDEX = sys.byteorder != "little"
+
+
+class CorruptSegment(Exception):
+    """A segment file that cannot be used as it is (bad header, name/header mismatch, too big).
+
+    The queue that owns it refuses to open; the file is left untouched for an operator.
+    """
+
+    def __init__(self, path: Path, reason: str):
+        super().__init__(f"segment {path}: {reason}")
+        self.path = Path(path)
+        self.reason = reason
+
+
+class UnsupportedFormat(CorruptSegment):
+    """A segment written in a format version this code does not know (e.g. by a newer Floki)."""
+
+
+class UnfinishedSegment(CorruptSegment):
+    """A segment whose header never fully reached the disk: shorter than the header, or a
+    32-byte file of zeros. Only a crash while creating the newest segment leaves one."""
+
+
+class BadRecord(ValueError):
+    """decode_record was given bytes that are not exactly one valid record."""
+
+
+# --- record codec ---------------------------------------------------------------------------
+
+def record_size(body_length: int) -> int:
+    """Returns the bytes a record with a body of `body_length` bytes takes on disk."""
+    return RECORD_HEADER_SIZE + body_length
+
+
+def encode_record(id_: int, timestamp_ms: int, body: bytes) -> bytes:
+    """Returns the bytes of one record."""
+    covered = _COVERED_HEADER.pack(len(body), id_, timestamp_ms)
+    return _CRC.pack(crc32c.crc32c(body, crc32c.crc32c(covered))) + covered + bytes(body)
+
+
+def encode_batch(first_id: int, timestamp_ms: int, bodies, start_offset: int
+                 ) -> tuple[bytes, array]:
+    """Returns (bytes of the records for ids first_id.., their absolute offsets) for a batch
+    that will be written at `start_offset`. The caller has checked that it fits the segment."""
+    parts = []
+    offsets = array("I")
+    pos = start_offset
+    covered_pack, crc_pack, crc = _COVERED_HEADER.pack, _CRC.pack, crc32c.crc32c
+    for i, body in enumerate(bodies):
+        covered = covered_pack(len(body), first_id + i, timestamp_ms)
+        parts.append(crc_pack(crc(body, crc(covered))))
+        parts.append(covered)
+        parts.append(body)
+        offsets.append(pos)
+        pos += RECORD_HEADER_SIZE + len(body)
+    return b"".join(parts), offsets
+
+
+def parse_record(buf, pos: int, limit: int) -> tuple[int, int, int] | None:
+    """Checks the record starting at buf[pos], which must end at or before `limit`.
+
+    Returns (id, timestamp_ms, end offset) when the header fits, the length stays within
+    `limit` and the CRC matches; None otherwise (torn, corrupt or hostile).
+    """
+    if pos < 0 or pos + RECORD_HEADER_SIZE > limit or limit > len(buf):
+        return None
+    crc, length, id_, timestamp_ms = RECORD_HEADER.unpack_from(buf, pos)
+    end = pos + RECORD_HEADER_SIZE + length
+    if end > limit:                      # rule 2: before the length is used for anything
+        return None
+    if crc32c.crc32c(memoryview(buf)[pos + CRC_SIZE:end]) != crc:
+        return None
+    return id_, timestamp_ms, end
+
+
+def decode_record(data: bytes) -> tuple[int, int, bytes]:
+    """Returns (id, timestamp_ms, body) of `data`, which must be exactly one record.
+
+    Raises BadRecord if it is shorter, longer, or fails its checksum.
+    """
+    parsed = parse_record(data, 0, len(data))
+    if parsed is None or parsed[2] != len(data):
+        raise BadRecord("not a valid record")
+    return parsed[0], parsed[1], bytes(data[RECORD_HEADER_SIZE:])
+
+
+def encode_segment_header(first_id: int, created_ms: int) -> bytes:
+    return SEGMENT_HEADER.pack(SEGMENT_MAGIC, FORMAT_VERSION, 0, first_id, created_ms)
+
+
+def decode_segment_header(data: bytes, path: Path) -> tuple[int, int]:
+    """Returns (first_id, created_ms). Raises CorruptSegment / UnsupportedFormat /
+    UnfinishedSegment (the last only for a header that was never written)."""
+    if len(data) < SEGMENT_HEADER_SIZE:
+        raise UnfinishedSegment(path, f"{len(data)} bytes, shorter than the "
+                                      f"{SEGMENT_HEADER_SIZE}-byte header")
+    magic, version, _reserved, first_id, created_ms = SEGMENT_HEADER.unpack_from(data)
+    if magic != SEGMENT_MAGIC:
+        if not any(data[:SEGMENT_HEADER_SIZE]):
+            raise UnfinishedSegment(path, "header is all zeros")
+        raise CorruptSegment(path, f"bad magic {magic!r} (expected {SEGMENT_MAGIC!r})")
+    if version != FORMAT_VERSION:
+        raise UnsupportedFormat(path, f"unsupported format version {version} "
+                                      f"(this Floki reads version {FORMAT_VERSION})")
+    return first_id, created_ms
+
+
+# --- small I/O helpers ------------------------------------------------------------------------
+
+def write_all(fd: int, data) -> None:
+    """Writes all of `data` with os.write, looping only when the kernel writes part of it.
+    Raises OSError."""
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        view = view[written:]
+
+
+def pread_exact(fd: int, size: int, offset: int) -> bytes:
+    """Returns up to `size` bytes at `offset`; shorter only at end of file. Raises OSError."""
+    data = os.pread(fd, size, offset)
+    if len(data) == size or not data:
+        return data
+    parts = [data]            # large reads may come back in pieces (Linux caps one at ~2 GiB)
+    got = len(data)
+    while got < size:
+        more = os.pread(fd, size - got, offset + got)
+        if not more:
+            break
+        parts.append(more)
+        got += len(more)
+    return b"".join(parts)
+
+
+def index_to_bytes(entries: array) -> bytes:
+    """Returns the on-disk (little-endian u32) form of index entries."""
+    if _SWAP_INDEX:
+        entries = array("I", entries)
+        entries.byteswap()
+    return entries.tobytes()
+
+
+def index_from_bytes(data: bytes) -> array:
+    """Returns the entries of an .idx file's bytes; a trailing partial entry is ignored."""
+    entries = array("I")
+    entries.frombytes(data[:len(data) - len(data) % INDEX_ENTRY_SIZE])
+    if _SWAP_INDEX:
+        entries.byteswap()
+    return entries
+
+
+class _Reader:
+    """Buffered positional reads over [0, limit) of one file, for recovery scans."""
+
+    def __init__(self, fd: int, limit: int):
+        self.fd, self.limit = fd, limit
+        self.buf, self.start = b"", 0
+
+    def view(self, pos: int, size: int):
+        """Returns (buffer, offset of `pos` in it) covering `size` bytes, or None past limit."""
+        if pos < 0 or pos + size > self.limit:
+            return None
+        if not (self.start <= pos and pos + size <= self.start + len(self.buf)):
+            want = min(max(size, SCAN_CHUNK_BYTES), self.limit - pos)
+            self.buf, self.start = pread_exact(self.fd, want, pos), pos
+            if len(self.buf) < size:
+                return None
+        return self.buf, pos - self.start
+
+    def record(self, pos: int) -> tuple[int, int, int] | None:
+        """Returns (id, timestamp_ms, end) of a valid record at `pos`, else None."""
+        got = self.view(pos, RECORD_HEADER_SIZE)
+        if got is None:
+            return None
+        buf, rel = got
+        length = RECORD_HEADER.unpack_from(buf, rel)[1]
+        if pos + RECORD_HEADER_SIZE + length > self.limit:       # bound before reading
+            return None
+        got = self.view(pos, RECORD_HEADER_SIZE + length)
+        if got is None:                  # the file shrank under us
+            return None
+        buf, rel = got
+        parsed = parse_record(buf, rel, rel + RECORD_HEADER_SIZE + length)
+        if parsed is None:
+            return None
+        return parsed[0], parsed[1], pos + RECORD_HEADER_SIZE + length
+
+
+class Segment:
+    """One `.seg` file and its in-memory index (array of u32 offsets, one per id).
+
+    `data_end` is the end of the last indexed record; in the active segment it equals
+    `size_bytes`. Sealed segments are opened read-only and never written.
+    """
+
+    def __init__(self, directory: Path, first_id: int, created_ms: int, fd: int,
+                 writable: bool):
+        self.directory = Path(directory)
+        self.path = files.segment_path(directory, first_id)
+        self.index_path = files.index_path(directory, first_id)
+        self.first_id = first_id
+        self.created_ms = created_ms
+        self.fd = fd
+        self.writable = writable
+        self.offsets = array("I")
+        self.size_bytes = SEGMENT_HEADER_SIZE
+        self.data_end = SEGMENT_HEADER_SIZE
+        self.first_timestamp_ms: int | None = None
+        self.newest_timestamp_ms: int | None = None
+        self.lost_records = 0            # unreadable ids found while rebuilding the index
+        self._plausible_entries = 0      # stored index entries that looked structurally sane
+        self._index_fd: int | None = None
+        self._index_entries_on_disk = 0
+        self._index_stale = False        # the .idx file lags memory after a failed write
+        self._tail_dirty = False         # a failed append could not be cut back yet
+        self._unsynced = False
+
+    # --- creation and recovery --------------------------------------------------------------
+
+    @classmethod
+    def create(cls, directory: Path, first_id: int, created_ms: int) -> "Segment":
+        """Creates an empty active segment: header written and fsynced, empty .idx.
+
+        The caller fsyncs the directory before any acknowledged record lands in it.
+        Raises OSError (nothing is left behind then).
+        """
+        path = files.segment_path(directory, first_id)
+        fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
+                     0o644)
+        segment = cls(directory, first_id, created_ms, fd, writable=True)
+        try:
+            write_all(fd, encode_segment_header(first_id, created_ms))
+            os.fsync(fd)
+            segment._index_fd = os.open(
+                segment.index_path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_TRUNC
+                | os.O_CLOEXEC, 0o644)
+        except OSError:
+            segment.close()
+            _unlink_quietly(path)
+            raise
+        return segment
+
+    @classmethod
+    def open(cls, directory: Path, first_id: int, *, active: bool) -> "Segment":
+        """Opens and recovers an existing segment (see log_format.md, "Recovery").
+
+        active: the newest segment, which is opened for appending and whose torn tail is cut.
+        Raises CorruptSegment (or a subclass) for a file that cannot be used, OSError.
+        """
+        path = files.segment_path(directory, first_id)
+        flags = (os.O_RDWR | os.O_APPEND) if active else os.O_RDONLY
+        fd = os.open(path, flags | os.O_CLOEXEC)
+        try:
+            file_size = os.fstat(fd).st_size
+            header_first_id, created_ms = decode_segment_header(
+                os.pread(fd, SEGMENT_HEADER_SIZE, 0), path)
+            if header_first_id != first_id:
+                raise CorruptSegment(path, f"header says first id {header_first_id}, "
+                                           f"the file name says {first_id}")
+            if file_size > MAX_SEGMENT_BYTES:
+                raise CorruptSegment(path, f"{file_size} bytes, above the "
+                                           f"{MAX_SEGMENT_BYTES}-byte limit of u32 offsets")
+            segment = cls(directory, first_id, created_ms, fd, writable=active)
+        except BaseException:
+            os.close(fd)
+            raise
+        try:
+            segment._recover(file_size)
+        except BaseException:
+            segment.close()
+            raise
+        return segment
+
+    def _recover(self, file_size: int) -> None:
+        try:
+            with open(self.index_path, "rb") as f:
+                raw_index = f.read()
+        except FileNotFoundError:
+            raw_index = None
+            log.warning("segment %s: index missing; rebuilding it by scanning", self.path)
+        stored = index_from_bytes(raw_index) if raw_index else array("I")
+        trusted = self._validate_index(stored, file_size)
+        if trusted < len(stored):
+            log.warning("segment %s: index valid for %d of %d entries; rebuilding the rest",
+                        self.path, trusted, len(stored))
+        self.offsets = stored[:trusted]
+        index_matches_disk = raw_index is not None and len(raw_index) == trusted * 4
+        scanned_from = len(self.offsets)
+        if self.writable:
+            end = self._scan(self.data_end, file_size, resync=False)
+            if end < file_size:
+                # Torn write (rule 5): whatever follows the last good record was never
+                # acknowledged as a whole batch; cut it so appends continue from a clean end.
+                log.warning("segment %s: torn tail: truncating %d bytes after offset %d "
+                            "(file was %d bytes, %d records kept)", self.path,
+                            file_size - end, end, file_size, len(self.offsets))
+                os.ftruncate(self.fd, end)
+            self.size_bytes = end
+        else:
+            self._scan(self.data_end, file_size, resync=True)
+            self.size_bytes = file_size
+        if len(self.offsets) != scanned_from or not index_matches_disk:
+            self._rewrite_index_tail(trusted)
+        elif self.writable:
+            self._open_index_for_append()
+            self._index_entries_on_disk = len(self.offsets)
+        self._load_timestamps()
+
+    def _validate_index(self, entries: array, file_size: int) -> int:
+        """Returns how many leading entries of a stored index can be trusted; sets data_end.
+
+        Cheap by design: a structural pass in C-speed iterators, then one record read for the
+        last entry. Only when that fails, a binary search (damage from a crash is at the end).
+        """
+        n = len(entries)
+        if n == 0:
+            return 0
+        checked: dict[int, int | None] = {}
+        if not (entries[0] == SEGMENT_HEADER_SIZE and entries[-1] < file_size
+                and all(map(lt, entries, islice(entries, 1, None)))):
+            n = self._structural_prefix(entries, file_size)
+        self._plausible_entries = n
+
+        def prefix_ok(k: int) -> int | None:
+            """End of the last readable record among entries[:k] if it checks out."""
+            if k in checked:
+                return checked[k]
+            j = k - 1
+            while j >= 0 and entries[j] == NO_RECORD:
+                j -= 1
+            if j < 0:
+                return SEGMENT_HEADER_SIZE
+            checked[k] = self._check_record_at(entries[j], self.first_id + j, file_size)
+            return checked[k]
+
+        end = prefix_ok(n)
+        if end is None:
+            lo, hi = 0, n                # prefix_ok(lo) holds, prefix_ok(hi) does not
+            while hi - lo > 1:
+                mid = (lo + hi) // 2
+                if prefix_ok(mid) is None:
+                    hi = mid
+                else:
+                    lo = mid
+            n = lo
+        # Trailing NO_RECORD entries are re-derived by the scan that follows.
+        while n and entries[n - 1] == NO_RECORD:
+            n -= 1
+        self.data_end = prefix_ok(n) if n else SEGMENT_HEADER_SIZE
+        return n
+
+    @staticmethod
+    def _structural_prefix(entries: array, file_size: int) -> int:
+        """Returns the length of the longest prefix whose real offsets are increasing, at
+        least a record header apart, start right after the segment header and fit the file."""
+        previous = None
+        for i, offset in enumerate(entries):
+            if offset == NO_RECORD:
+                continue
+            if previous is None:
+                if i == 0 and offset != SEGMENT_HEADER_SIZE or offset < SEGMENT_HEADER_SIZE:
+                    return i
+            elif offset < previous + RECORD_HEADER_SIZE:
+                return i
+            if offset + RECORD_HEADER_SIZE > file_size:
+                return i
+            previous = offset
+        return len(entries)
+
+    def _check_record_at(self, offset: int, id_: int, limit: int) -> int | None:
+        """Returns the end of the record at `offset` if it is valid and has id `id_`."""
+        reader = _Reader(self.fd, limit)
+        parsed = reader.record(offset)
+        if parsed is None or parsed[0] != id_:
+            return None
+        return parsed[2]
+
+    def _scan(self, pos: int, limit: int, *, resync: bool) -> int:
+        """Appends index entries for the records from `pos` up to `limit`; returns data_end.
+
+        Without resync (active segment) the first bad record ends the scan. With resync
+        (sealed segment) a bad record is skipped: the scan searches forward for the next
+        valid record with a larger id, and the ids in between get NO_RECORD.
+        """
+        reader = _Reader(self.fd, limit)
+        append, unpack, crc = self.offsets.append, RECORD_HEADER.unpack_from, crc32c.crc32c
+        while pos < limit:
+            expected = self.first_id + len(self.offsets)
+            # Fast path: take the good records that lie wholly in the reader's buffer.
+            got = reader.view(pos, RECORD_HEADER_SIZE)
+            if got is not None:
+                buf, rel = got
+                base, size, view = pos - rel, len(buf), memoryview(buf)
+                while rel + RECORD_HEADER_SIZE <= size:
+                    checksum, length, id_, _timestamp = unpack(buf, rel)
+                    end = rel + RECORD_HEADER_SIZE + length
+                    if end > size or id_ != expected or crc(view[rel + CRC_SIZE:end]) != checksum:
+                        break
+                    append(base + rel)
+                    expected += 1
+                    rel = end
+                view.release()
+                if base + rel != pos:
+                    pos = self.data_end = base + rel
+                    continue
+            # Slow path: a record crossing the buffer's end, or a bad one.
+            parsed = reader.record(pos)
+            if parsed is not None and parsed[0] == expected:
+                self.offsets.append(pos)
+                pos = self.data_end = parsed[2]
+                continue
+            if not resync:
+                break
+            found = self._resync(reader, pos, expected, limit)
+            if found is None:
+                # How many ids the lost bytes held is unknown; a plausible stored index
+                # tells, otherwise count at least one so the loss is never silent.
+                lost = max(1, self._plausible_entries - len(self.offsets))
+                self.lost_records += lost
+                log.error("segment %s: %d bytes from offset %d hold no readable record; "
+                          "ids from %d in this segment (at least %d) are lost", self.path,
+                          limit - pos, pos, expected, lost)
+                break
+            pos, found_id = found
+            lost = found_id - expected
+            self.offsets.extend(array("I", [NO_RECORD]) * lost)
+            self.lost_records += lost
+            log.error("segment %s: corrupt data; ids %d..%d unreadable, resuming at offset %d",
+                      self.path, expected, found_id - 1, pos)
+        return self.data_end
+
+    def _resync(self, reader: _Reader, pos: int, expected: int, limit: int
+                ) -> tuple[int, int] | None:
+        """Returns (offset, id) of the nearest valid record after a bad one at `pos` whose id
+        is `expected` or a little above it; None when the rest of the file has none.
+
+        Fast path: the bad record's length still leads to a valid record. Otherwise search for
+        the 8 id bytes of ids expected..expected+RESYNC_IDS-1 (bytes.find runs in C), window by
+        window, and accept the nearest candidate that parses with a good CRC.
+        """
+        max_id = expected + (limit - pos) // RECORD_HEADER_SIZE
+        got = reader.view(pos, RECORD_HEADER_SIZE)
+        if got is not None:
+            length = RECORD_HEADER.unpack_from(*got)[1]
+            after = pos + RECORD_HEADER_SIZE + length
+            parsed = reader.record(after) if after < limit else None
+            if parsed is not None and expected <= parsed[0] <= max_id:
+                return after, parsed[0]
+        patterns = [(id_, _ID.pack(id_)) for id_ in range(expected, min(expected + RESYNC_IDS,
+                                                                       max_id + 1))]
+        window_start = pos + 1
+        while window_start + RECORD_HEADER_SIZE <= limit:
+            window_end = min(limit, window_start + RESYNC_WINDOW_BYTES)
+            # The id field is 8 bytes at +8 in a record; cover candidates in [start, end).
+            data = pread_exact(self.fd, window_end - window_start + 16, window_start)
+            best = None
+            for id_, pattern in patterns:
+                at = data.find(pattern, 8)
+                while at != -1:
+                    candidate = window_start + at - 8
+                    if best is not None and candidate >= best[0]:
+                        break
+                    parsed = reader.record(candidate)
+                    if parsed is not None and parsed[0] == id_:
+                        best = (candidate, id_)
+                        break
+                    at = data.find(pattern, at + 1)
+            if best is not None:
+                return best
+            window_start = window_end
+        return None
+
+    def _open_index_for_append(self) -> None:
+        self._index_fd = os.open(self.index_path, os.O_RDWR | os.O_APPEND | os.O_CREAT
+                                 | os.O_CLOEXEC, 0o644)
+
+    def _rewrite_index_tail(self, keep_entries: int) -> None:
+        """Cuts the .idx file to `keep_entries` and appends the rest of the in-memory index.
+        A read-only or full disk only costs a rebuild at the next open, so errors are logged."""
+        try:
+            fd = os.open(self.index_path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC,
+                         0o644)
+        except OSError as exc:
+            log.warning("segment %s: cannot rewrite index: %s", self.path, exc)
+            return
+        try:
+            os.ftruncate(fd, keep_entries * INDEX_ENTRY_SIZE)
+            write_all(fd, index_to_bytes(self.offsets[keep_entries:]))
+            self._index_entries_on_disk = len(self.offsets)
+        except OSError as exc:
+            log.warning("segment %s: cannot rewrite index: %s", self.path, exc)
+            self._index_stale = True
+        if self.writable:
+            self._index_fd = fd
+        else:
+            os.close(fd)
+
+    def _load_timestamps(self) -> None:
+        first = next((j for j in range(len(self.offsets)) if self.offsets[j] != NO_RECORD),
+                     None)
+        if first is None:
+            return
+        last = next(j for j in reversed(range(len(self.offsets)))
+                    if self.offsets[j] != NO_RECORD)
+        self.first_timestamp_ms = self.timestamp_at(first)
+        self.newest_timestamp_ms = self.timestamp_at(last)
+
+    # --- state ------------------------------------------------------------------------------
+
+    @property
+    def end_id(self) -> int:
+        """One past the last id this segment holds (== first_id when empty)."""
+        return self.first_id + len(self.offsets)
+
+    @property
+    def index_bytes(self) -> int:
+        return len(self.offsets) * INDEX_ENTRY_SIZE
+
+    # --- appending --------------------------------------------------------------------------
+
+    def append(self, data: bytes, offsets: array, timestamp_ms: int) -> None:
+        """Appends a batch built by encode_batch(..., start_offset=self.size_bytes).
+
+        Raises OSError; the file is then cut back to its size before the batch.
+        """
+        before = self.size_bytes
+        if self._tail_dirty:            # a previous failed batch is still on disk: cut it now
+            os.ftruncate(self.fd, before)
+            self._tail_dirty = False
+        try:
+            write_all(self.fd, data)
+        except OSError:
+            try:
+                os.ftruncate(self.fd, before)
+            except OSError:
+                self._tail_dirty = True
+                log.error("segment %s: cannot cut a failed append back to %d bytes; will "
+                          "retry before the next append", self.path, before)
+            raise
+        self._unsynced = True
+        self.size_bytes = self.data_end = before + len(data)
+        self.offsets.extend(offsets)
+        if self.first_timestamp_ms is None:
+            self.first_timestamp_ms = timestamp_ms
+        if self.newest_timestamp_ms is None or timestamp_ms > self.newest_timestamp_ms:
+            self.newest_timestamp_ms = timestamp_ms
+        self._append_index(offsets)
+
+    def _append_index(self, offsets: array) -> None:
+        if self._index_stale or self._index_fd is None:
+            return
+        on_disk = self._index_entries_on_disk * INDEX_ENTRY_SIZE
+        try:
+            write_all(self._index_fd, index_to_bytes(offsets))
+            self._index_entries_on_disk += len(offsets)
+        except OSError as exc:
+            # The records are safely in the segment; the index is only a hint. Stop appending
+            # to it (a cut-off entry would shift all later ones) until sync() rewrites it.
+            log.warning("segment %s: index append failed (%s); it will be rewritten",
+                        self.path, exc)
+            self._index_stale = True
+            try:
+                os.ftruncate(self._index_fd, on_disk)
+            except OSError:
+                pass
+
+    def sync(self, *, force: bool = False) -> None:
+        """fsyncs the segment and its index if anything was written since (always with
+        force). Raises OSError."""
+        if self._index_stale and self._index_fd is not None:
+            os.ftruncate(self._index_fd, 0)
+            write_all(self._index_fd, index_to_bytes(self.offsets))
+            self._index_entries_on_disk = len(self.offsets)
+            self._index_stale = False
+            self._unsynced = True
+        if self._unsynced or force:
+            os.fsync(self.fd)
+            if self._index_fd is not None:
+                os.fsync(self._index_fd)
+            self._unsynced = False
+
+    def seal(self) -> None:
+        """Ends appending: closes the index fd. The caller has synced the segment."""
+        if self._index_fd is not None:
+            os.close(self._index_fd)
+            self._index_fd = None
+        self.writable = False
+
+    # --- reading ----------------------------------------------------------------------------
+
+    def _bound_after(self, j: int) -> int:
+        """Returns where the record of entry j ends at the latest: the next readable entry's
+        offset, or data_end."""
+        offsets = self.offsets
+        for k in range(j + 1, len(offsets)):
+            if offsets[k] != NO_RECORD:
+                return offsets[k]
+        return self.data_end
+
+    def read(self, from_id: int, count: int, out: list) -> list[int]:
+        """Appends (id, body) for the readable ids in [from_id, from_id + count) to `out`.
+
+        Returns the ids found corrupt during this call; they are marked NO_RECORD in memory so
+        they are reported once and skipped afterwards. Raises OSError.
+        """
+        offsets = self.offsets
+        first_id = self.first_id
+        i = from_id - first_id
+        stop = min(i + count, len(offsets))
+        corrupt = []
+        unpack, crc = RECORD_HEADER.unpack_from, crc32c.crc32c
+        while i < stop:
+            start = offsets[i]
+            if start == NO_RECORD:
+                i += 1
+                continue
+            # A run of consecutive readable entries that starts within one chunk: one pread.
+            j = i
+            chunk_end = start + READ_CHUNK_BYTES
+            while j + 1 < stop:
+                following = offsets[j + 1]
+                if following == NO_RECORD or following >= chunk_end:
+                    break
+                j += 1
+            span_end = self._bound_after(j)
+            buf = pread_exact(self.fd, span_end - start, start)
+            view = memoryview(buf)
+            size = len(buf)
+            for k in range(i, j + 1):
+                rel = offsets[k] - start
+                if rel + RECORD_HEADER_SIZE <= size:
+                    checksum, length, id_, _timestamp = unpack(buf, rel)
+                    end = rel + RECORD_HEADER_SIZE + length
+                    # end <= size bounds a hostile length; the CRC covers the length.
+                    if (id_ == first_id + k and end <= size
+                            and crc(view[rel + CRC_SIZE:end]) == checksum):
+                        out.append((id_, buf[rel + RECORD_HEADER_SIZE:end]))
+                        continue
+                body = self._reread(k)
+                if body is not None:
+                    out.append((first_id + k, body))
+                    continue
+                corrupt.append(first_id + k)
+                offsets[k] = NO_RECORD
+            view.release()
+            i = j + 1
+        if corrupt:
+            log.error("segment %s: %d corrupt record(s) skipped (ids %d..%d): checksum, "
+                      "length or id mismatch", self.path, len(corrupt), corrupt[0], corrupt[-1])
+        return corrupt
+
+    def _reread(self, k: int) -> bytes | None:
+        """Record k did not check out in a run read. The .idx file is only a hint, so before
+        calling the record corrupt: read it alone up to data_end (the next entry may be the
+        wrong one), then look where record k-1 ends (entry 0: right after the header); if a
+        valid record k is there, entry k was wrong and is fixed in memory.
+        Returns the body of record k, or None. Raises OSError."""
+        id_ = self.first_id + k
+        reader = _Reader(self.fd, self.data_end)
+        candidates = [self.offsets[k]]
+        if k == 0:
+            candidates.append(SEGMENT_HEADER_SIZE)
+        elif self.offsets[k - 1] != NO_RECORD:
+            previous = self.offsets[k - 1]
+            got = reader.view(previous, RECORD_HEADER_SIZE)
+            if got is not None:
+                _crc, length, previous_id, _timestamp = RECORD_HEADER.unpack_from(*got)
+                if previous_id == id_ - 1:
+                    candidates.append(previous + RECORD_HEADER_SIZE + length)
+        for offset in candidates:
+            parsed = reader.record(offset)
+            if parsed is None or parsed[0] != id_:
+                continue
+            if offset != self.offsets[k]:
+                log.warning("segment %s: index entry of id %d said offset %d; the record is "
+                            "at %d", self.path, id_, self.offsets[k], offset)
+                self.offsets[k] = offset
+            buf, rel = reader.view(offset, parsed[2] - offset)
+            return bytes(buf[rel + RECORD_HEADER_SIZE:rel + parsed[2] - offset])
+        return None
+
+    def timestamp_at(self, j: int) -> int | None:
+        """Returns the timestamp in the header of entry j, or None if it is unreadable.
+        Reads the 24-byte header only (one pread) and checks its id and length bounds."""
+        offset = self.offsets[j]
+        if offset == NO_RECORD:
+            return None
+        header = os.pread(self.fd, RECORD_HEADER_SIZE, offset)
+        if len(header) < RECORD_HEADER_SIZE:
+            return None
+        _crc, length, id_, timestamp_ms = RECORD_HEADER.unpack(header)
+        if id_ != self.first_id + j or offset + RECORD_HEADER_SIZE + length > self.data_end:
+            return None
+        return timestamp_ms
+
+    def search_timestamp(self, timestamp_ms: int) -> int:
+        """Returns the first entry whose timestamp is >= timestamp_ms (len(offsets) if none),
+        by binary search over record headers: O(log n) preads, assuming timestamps grow with
+        ids. An unreadable entry takes the verdict of the next readable one."""
+        lo, hi = 0, len(self.offsets)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            j, found = mid, None
+            while j < hi:
+                found = self.timestamp_at(j)
+                if found is not None:
+                    break
+                j += 1
+            if found is None or found >= timestamp_ms:
+                hi = mid
+            else:
+                lo = j + 1
+        return lo
+
+    def drop_entries_from(self, j: int) -> None:
+        """Forgets the index entries from j on (memory only; the file is not changed)."""
+        following = [o for o in self.offsets[j:] if o != NO_RECORD]
+        if following:
+            self.data_end = following[0]
+        del self.offsets[j:]
+
+    def find_entry(self, id_: int) -> int | None:
+        """Returns the index entry of `id_` if this segment holds that id."""
+        j = id_ - self.first_id
+        return j if 0 <= j < len(self.offsets) else None
+
+    # --- lifetime ---------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Closes the fds (no fsync; call sync() first when it matters)."""
+        for fd in (self._index_fd, self.fd):
+            if fd is not None and fd >= 0:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+        self._index_fd = None
+        self.fd = -1
+
+    def unlink(self) -> None:
+        """Closes and deletes the segment, then its index. Raises OSError if the segment file
+        cannot be removed (nothing changed then); a leftover .idx is removed at the next open."""
+        os.unlink(self.path)
+        self.close()
+        try:
+            os.unlink(self.index_path)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            log.warning("cannot remove %s: %s", self.index_path, exc)
+
+
+def _unlink_quietly(path: Path) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+

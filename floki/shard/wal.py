@@ -1,0 +1,408 @@
+"""Wal: one queue's write-ahead log, an ordered list of segments in one directory.
+
+Owns: which segments exist, the id sequence across them (next_id, first_id, synced_next_id),
+rolling to a new segment, reads by id or timestamp across segments, retention's removal of the
+oldest segment, purge, and recovery of the whole directory at open (see log_format.md).
+Rules:
+  1. Ids never go backwards: next_id = max(last id on disk + 1, first id of the newest segment,
+     min_next_id). It is never derived from a checkpoint's list of segments: the directory is
+     listed at every open.
+  2. Ids inside a segment are dense. When next_id is not the active segment's end, the next
+     append starts a new segment named next_id.
+  3. A new segment's file and the directory entry are fsynced before the first acknowledged
+     record lands in it; a segment is fsynced when it is sealed by a roll.
+  4. Every append is one write of the whole batch, done before append returns; no record is
+     held in user space and no per-message Python object is kept (4 bytes of index each).
+  5. synced_next_id only moves in sync() (or at open/purge): every id below it is on disk.
+  6. The active (last) segment is never removed by retention.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from bisect import bisect_right
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+from floki.errors import MessageTooLarge
+from floki.shard import files
+from floki.shard.segment import (MAX_SEGMENT_BYTES, RECORD_HEADER_SIZE, SEGMENT_HEADER_SIZE,
+                                 CorruptSegment, Segment, UnfinishedSegment,
+                                 UnsupportedFormat, encode_batch)
+
+__all__ = ["Wal", "SegmentInfo", "CorruptSegment", "UnsupportedFormat"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SegmentInfo:
+    """What retention and INFO need to know about one segment."""
+    first_id: int
+    end_id: int                        # one past the last id
+    size_bytes: int                    # the .seg file's size
+    newest_timestamp_ms: int | None    # None while the segment holds no record
+    active: bool                       # the newest segment, the one appends go to
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+class Wal:
+    """The log of one queue. Create it with Wal.open(); it is not thread-safe."""
+
+    def __init__(self, directory: Path, segments: list[Segment], *, segment_size: int,
+                 next_id: int):
+        self.directory = directory
+        self._segments = segments
+        self._first_ids = [s.first_id for s in segments]
+        self.segment_size = segment_size
+        self.next_id = next_id
+        self.synced_next_id = next_id
+        self.corrupt_records = sum(s.lost_records for s in segments)
+        self._dir_dirty = False
+        self._closed = False
+
+    # --- open and recovery ------------------------------------------------------------------
+
+    @classmethod
+    def open(cls, directory: Path, *, segment_size: int, min_next_id: int = 1) -> "Wal":
+        """Opens (creating if needed) the log in `directory` and recovers it.
+
+        min_next_id: the queue's durable high-water mark + 1; ids below it are never handed out.
+        Returns the Wal, with at least one segment on disk.
+        Raises CorruptSegment / UnsupportedFormat naming a segment file that cannot be used,
+        StorageIOError / DiskFull for I/O errors.
+        """
+        directory = Path(directory)
+        segments: list[Segment] = []
+        newest: Segment | None = None
+        try:
+            if not directory.is_dir():
+                directory.mkdir(parents=True)
+                files.fsync_directory(directory.parent)
+            ids = files.list_segment_ids(directory)
+            floor = max(min_next_id, 1, ids[-1] if ids else 1)
+            need_new_segment = not ids
+            if ids:
+                try:
+                    newest = Segment.open(directory, ids[-1], active=True)
+                except UnfinishedSegment as exc:
+                    # A crash while the newest segment was being created: it holds no record.
+                    log.warning("%s; removing it and starting a fresh segment", exc)
+                    os.unlink(files.segment_path(directory, ids[-1]))
+                    _unlink_missing_ok(files.index_path(directory, ids[-1]))
+                    need_new_segment = True
+                for first_id in ids[:-1]:
+                    segments.append(Segment.open(directory, first_id, active=False))
+                if newest is not None:
+                    segments.append(newest)
+                    newest = None
+            _clamp_overlaps(segments)
+            _remove_orphan_indexes(directory, set(ids))
+            next_id = max(floor, segments[-1].end_id if segments else 1)
+            if need_new_segment:
+                segments.append(Segment.create(directory, next_id, _now_ms()))
+                files.fsync_directory(directory)
+            else:
+                # After kill -9 the recovered records may exist only in the page cache; make
+                # them durable before anyone treats them as synced (rule 5).
+                segments[-1].sync(force=True)
+        except BaseException as exc:
+            for segment in segments + ([newest] if newest is not None else []):
+                segment.close()
+            if isinstance(exc, OSError):
+                raise files.storage_error(exc, f"open {directory}") from exc
+            raise
+        wal = cls(directory, segments, segment_size=segment_size, next_id=next_id)
+        if wal.corrupt_records:
+            log.error("queue log %s: %d record(s) unreadable", directory, wal.corrupt_records)
+        return wal
+
+    # --- state ------------------------------------------------------------------------------
+
+    @property
+    def first_id(self) -> int:
+        """The oldest retained id; next_id when the log holds no record."""
+        for segment in self._segments:
+            if segment.end_id > segment.first_id:
+                return segment.first_id
+        return self.next_id
+
+    @property
+    def needs_sync(self) -> bool:
+        """True when sync() has something to make durable."""
+        return self.synced_next_id < self.next_id or self._dir_dirty
+
+    def segments(self) -> list[SegmentInfo]:
+        """Returns every segment, oldest first."""
+        last = len(self._segments) - 1
+        return [SegmentInfo(s.first_id, s.end_id, s.size_bytes, s.newest_timestamp_ms, i == last)
+                for i, s in enumerate(self._segments)]
+
+    def disk_bytes(self) -> int:
+        """Returns the bytes of every segment and index file of this log."""
+        return sum(s.size_bytes + s.index_bytes for s in self._segments)
+
+    # --- writing ----------------------------------------------------------------------------
+
+    def append(self, bodies: Sequence[bytes], timestamp_ms: int) -> tuple[int, int]:
+        """Appends the bodies as consecutive ids stamped `timestamp_ms`, in one write.
+
+        Returns (first_id, last_id) of the batch.
+        Raises DiskFull / StorageIOError (nothing of the batch is kept, the Wal stays usable),
+        MessageTooLarge when the batch cannot fit even an empty segment, ValueError when empty.
+        """
+        self._check_open()
+        if not bodies:
+            raise ValueError("append needs at least one body")
+        batch_bytes = len(bodies) * RECORD_HEADER_SIZE + sum(map(len, bodies))
+        if SEGMENT_HEADER_SIZE + batch_bytes > MAX_SEGMENT_BYTES:
+            raise MessageTooLarge(f"batch of {batch_bytes} bytes exceeds the "
+                                  f"{MAX_SEGMENT_BYTES}-byte segment limit")
+        active = self._segments[-1]
+        limit = min(self.segment_size, MAX_SEGMENT_BYTES)
+        if (active.end_id != self.next_id
+                or active.end_id > active.first_id and active.size_bytes + batch_bytes > limit
+                or active.size_bytes + batch_bytes > MAX_SEGMENT_BYTES):
+            active = self._roll()
+        first_id = self.next_id
+        data, offsets = encode_batch(first_id, timestamp_ms, bodies, active.size_bytes)
+        try:
+            active.append(data, offsets, timestamp_ms)
+        except OSError as exc:
+            raise files.storage_error(exc, "append") from exc
+        self.next_id = first_id + len(bodies)
+        return first_id, self.next_id - 1
+
+    def _roll(self) -> Segment:
+        """Seals the active segment and starts a new one named next_id (rules 2, 3).
+        An empty active segment is removed instead of sealed. Returns the new segment.
+        Raises DiskFull / StorageIOError with the old segment still active."""
+        old = self._segments[-1]
+        old_is_empty = old.end_id == old.first_id
+        try:
+            if not old_is_empty:
+                old.sync()
+                self.synced_next_id = max(self.synced_next_id, old.end_id)
+            new = Segment.create(self.directory, self.next_id, _now_ms())
+        except OSError as exc:
+            raise files.storage_error(exc, "start a new segment") from exc
+        try:
+            files.fsync_directory(self.directory)
+        except OSError as exc:
+            new.close()
+            _unlink_missing_ok(new.path)
+            _unlink_missing_ok(new.index_path)
+            raise files.storage_error(exc, "start a new segment") from exc
+        old.seal()
+        if old_is_empty:
+            try:
+                old.unlink()
+                self._segments.pop()
+                self._first_ids.pop()
+                self._dir_dirty = True
+            except OSError as exc:      # harmless: an empty sealed segment holds no id
+                log.warning("cannot remove empty segment %s: %s", old.path, exc)
+        self._segments.append(new)
+        self._first_ids.append(new.first_id)
+        log.info("queue log %s: new segment %s", self.directory, new.path.name)
+        return new
+
+    def sync(self) -> None:
+        """fsyncs what was appended since the last sync (segment, index, directory entries).
+        Cheap when there is nothing new. Raises DiskFull / StorageIOError."""
+        self._check_open()
+        if not self.needs_sync:
+            return
+        try:
+            self._segments[-1].sync()
+            if self._dir_dirty:
+                files.fsync_directory(self.directory)
+                self._dir_dirty = False
+        except OSError as exc:
+            raise files.storage_error(exc, "sync") from exc
+        self.synced_next_id = self.next_id
+
+    # --- reading ----------------------------------------------------------------------------
+
+    def _position(self, id_: int) -> int:
+        """Index in _segments of the segment whose range starts at or before `id_` (0 if none)."""
+        return max(bisect_right(self._first_ids, id_) - 1, 0)
+
+    def read(self, from_id: int, max_count: int, end_id: int | None = None
+             ) -> list[tuple[int, bytes]]:
+        """Returns up to max_count (id, body) pairs with from_id <= id < end_id (default
+        next_id), in id order; an older from_id starts at first_id. Removed, missing and
+        corrupt ids are skipped (corrupt ones counted in corrupt_records).
+        Raises StorageIOError."""
+        self._check_open()
+        stop = self.next_id if end_id is None else min(end_id, self.next_id)
+        pos = max(from_id, self.first_id)
+        out: list[tuple[int, bytes]] = []
+        k = self._position(pos)
+        try:
+            while pos < stop and len(out) < max_count and k < len(self._segments):
+                segment = self._segments[k]
+                pos = max(pos, segment.first_id)
+                segment_stop = min(stop, segment.end_id)
+                if pos < segment_stop:
+                    count = min(segment_stop - pos, max_count - len(out))
+                    self.corrupt_records += len(segment.read(pos, count, out))
+                    pos += count
+                    if pos < segment_stop:
+                        continue
+                k += 1
+        except OSError as exc:
+            raise files.storage_error(exc, "read") from exc
+        return out
+
+    def read_one(self, id: int) -> bytes | None:
+        """Returns the body of `id`; None when removed by retention, not yet written, or corrupt.
+        Raises StorageIOError."""
+        if id < self.first_id or id >= self.next_id:
+            return None
+        found = self.read(id, 1, id + 1)
+        return found[0][1] if found else None
+
+    def timestamp_of(self, id: int) -> int | None:
+        """Returns the timestamp_ms of `id` from its record header; None if it is not retained
+        or unreadable. Raises StorageIOError."""
+        self._check_open()
+        if id < self.first_id or id >= self.next_id:
+            return None
+        segment = self._segments[self._position(id)]
+        j = segment.find_entry(id)
+        if j is None:
+            return None
+        try:
+            return segment.timestamp_at(j)
+        except OSError as exc:
+            raise files.storage_error(exc, "read") from exc
+
+    def find_id_by_timestamp(self, timestamp_ms: int) -> int:
+        """Returns the first retained id whose timestamp is >= timestamp_ms: first_id when all
+        are newer, next_id when none is. The segment is picked by its cached first/newest
+        timestamps, then a binary search reads O(log n) record headers.
+        Raises StorageIOError."""
+        self._check_open()
+        try:
+            for segment in self._segments:
+                if segment.newest_timestamp_ms is None:      # no record in it
+                    continue
+                if segment.newest_timestamp_ms >= timestamp_ms:
+                    if (segment.first_timestamp_ms is not None
+                            and segment.first_timestamp_ms >= timestamp_ms):
+                        return segment.first_id
+                    return segment.first_id + segment.search_timestamp(timestamp_ms)
+        except OSError as exc:
+            raise files.storage_error(exc, "read") from exc
+        return self.next_id
+
+    # --- retention and purge ----------------------------------------------------------------
+
+    def remove_oldest_segment(self) -> SegmentInfo:
+        """Deletes the oldest segment (its .seg, then its .idx) and fsyncs the directory.
+
+        Returns what was removed. Raises ValueError if only the active segment is left,
+        StorageIOError / DiskFull if it cannot be removed.
+        """
+        self._check_open()
+        if len(self._segments) <= 1:
+            raise ValueError("the active segment is never removed")
+        info = self.segments()[0]
+        segment = self._segments[0]
+        try:
+            segment.unlink()
+        except OSError as exc:
+            raise files.storage_error(exc, "remove segment") from exc
+        del self._segments[0]
+        del self._first_ids[0]
+        self._fsync_directory_or_mark("remove segment")
+        return info
+
+    def purge(self) -> None:
+        """Drops every record: a new empty segment named next_id is made durable first, then
+        every older segment is removed, oldest first (a crash in between leaves a suffix of
+        the old data and the new segment; ids never go back).
+        Raises DiskFull / StorageIOError."""
+        self._check_open()
+        active = self._segments[-1]
+        if not (active.end_id == active.first_id == self.next_id):
+            try:
+                new = Segment.create(self.directory, self.next_id, _now_ms())
+            except OSError as exc:
+                raise files.storage_error(exc, "purge") from exc
+            try:
+                files.fsync_directory(self.directory)
+            except OSError as exc:
+                new.close()
+                _unlink_missing_ok(new.path)
+                _unlink_missing_ok(new.index_path)
+                raise files.storage_error(exc, "purge") from exc
+            active.seal()
+            self._segments.append(new)
+            self._first_ids.append(new.first_id)
+        while len(self._segments) > 1:
+            try:
+                self._segments[0].unlink()
+            except OSError as exc:
+                raise files.storage_error(exc, "purge") from exc
+            del self._segments[0]
+            del self._first_ids[0]
+        self._fsync_directory_or_mark("purge")
+        self.synced_next_id = self.next_id
+
+    def _fsync_directory_or_mark(self, action: str) -> None:
+        try:
+            files.fsync_directory(self.directory)
+        except OSError as exc:
+            self._dir_dirty = True       # the next sync() retries
+            raise files.storage_error(exc, action) from exc
+
+    # --- lifetime ---------------------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ValueError(f"queue log {self.directory} is closed")
+
+    def close(self) -> None:
+        """fsyncs and closes every file. Idempotent. Raises StorageIOError if the final sync
+        fails (the files are closed anyway)."""
+        if self._closed:
+            return
+        try:
+            self.sync()
+        finally:
+            self._closed = True
+            for segment in self._segments:
+                segment.close()
+
+
+def _unlink_missing_ok(path: Path) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def _clamp_overlaps(segments: list[Segment]) -> None:
+    """A segment may not hold ids at or above the next segment's first id; our writer never
+    does that, so an overlap is damage (or a hand-copied file): serve each id once."""
+    for older, newer in zip(segments, segments[1:]):
+        if older.end_id > newer.first_id:
+            log.error("segment %s holds ids up to %d, overlapping %s; ignoring ids from %d in it",
+                      older.path, older.end_id - 1, newer.path.name, newer.first_id)
+            older.drop_entries_from(newer.first_id - older.first_id)
+
+
+def _remove_orphan_indexes(directory: Path, segment_ids: set[int]) -> None:
+    """Deletes .idx files whose segment is gone (a crash between the two unlinks of a
+    removal); they are ours by name and a later segment with that id would misread them."""
+    for first_id in files.list_index_ids(directory):
+        if first_id not in segment_ids:
+            log.info("removing orphan index %s", files.index_path(directory, first_id))
+            _unlink_missing_ok(files.index_path(directory, first_id))
