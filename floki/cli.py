@@ -112,12 +112,25 @@ def _frontend(args: argparse.Namespace) -> int:
     return run(config)
 
 
+def raise_fd_limit() -> None:
+    """Lifts the soft open-files limit to the hard one: a shard keeps an fd per segment of each
+    queue and the frontend one per client, so the usual soft limit of 1024 is far too low."""
+    try:
+        import resource
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft != hard:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (ImportError, ValueError, OSError):
+        pass  # not fatal: the process runs with the limit it has
+
+
 _COMMANDS = {"start": _start, "shard": _shard, "frontend": _frontend}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of `floki` and `python -m floki`. Returns the process exit code."""
     args = build_parser().parse_args(argv)
+    raise_fd_limit()
     try:
         return int(_COMMANDS[args.command](args))
     except ConfigError as exc:

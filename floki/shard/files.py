@@ -13,7 +13,9 @@ Layout:
   <data_dir>/<queue>/{first_id:020d}.seg   segment        <data_dir>/<queue>/queue.json
   <data_dir>/<queue>/{first_id:020d}.idx   its index      <data_dir>/<queue>/channels.json
   <data_dir>/<queue>/LOCK                  flock          <any of the files>.tmp  atomic write
+  <data_dir>/<queue>/{queue,channels}.json.prev            previous good checkpoint generation
   <data_dir>/.run/                         runtime files (ipc sockets), never a queue
+  <data_dir>/.deleting-<queue>-<token>/    a queue being deleted (renamed first, then removed)
 """
 from __future__ import annotations
 
@@ -30,8 +32,8 @@ log = logging.getLogger(__name__)
 SEGMENT_SUFFIX = ".seg"
 INDEX_SUFFIX = ".idx"
 TMP_SUFFIX = ".tmp"
-PREVIOUS_SUFFIX = ".prev"    # the previous good generation of a checkpoint file
-DELETING_PREFIX = ".deleting-"   # a queue directory being removed (leading dot: never a queue)
+PREVIOUS_SUFFIX = ".prev"           # the previous good generation of a checkpoint file
+DELETING_PREFIX = ".deleting-"      # a queue directory being removed (never a queue name)
 QUEUE_FILE = "queue.json"
 CHANNELS_FILE = "channels.json"
 LOCK_FILE = "LOCK"

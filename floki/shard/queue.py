@@ -1,0 +1,689 @@
+"""Queue: one queue's directory, its Wal, its Channels, its settings, retention and checkpoints.
+
+Owns: id allocation (never reused), delivery (get/ack/seek/purge over the Channels), retention,
+the two checkpoint files (queue.json: settings, channel names, id high-water mark, clean flag;
+channels.json: every channel's cursor and unacked ids) and the queue's LOCK.
+Rules:
+  1. Ids only grow, across purge, restart, lost checkpoints, torn tails and power loss: an id
+     above the durable high-water mark (queue.json) is never handed out; the mark is raised by
+     a block and made durable first. Only a clean close() records the exact next id.
+  2. Delivery is at-least-once. A channel restored from a checkpoint is never ahead of what it
+     had acked: a bad channels.json falls back to the previous generation (channels.json.prev),
+     then to the oldest retained id (full redelivery); a channel is never lost or skipped.
+  3. With fsync = "always" no consumer sees an id that is not yet fsynced (wal.synced_next_id),
+     so a crash can never take back a message someone already received.
+  4. Retention removes whole segments, oldest first, stopping at the first one kept, never the
+     active one. Soft retention never removes what a channel still needs; a queue with no
+     channels keeps everything (nobody has consumed it). Hard retention ignores channels.
+  5. Bodies are read from the Wal for one reply and never kept.
+  6. One process per queue: LOCK is flock'ed exclusively (non-blocking) for the Queue's life.
+"""
+from __future__ import annotations
+
+import errno
+import fcntl
+import logging
+import math
+import os
+import secrets
+import shutil
+from pathlib import Path
+from typing import Any, Sequence
+
+from floki.config import ConfigError, QueueSettings
+from floki.errors import ChannelNotFound, InvalidParameter, QueueAlreadyExists, QueueNotFound
+from floki.names import validate_name
+from floki.shard import checkpoint, files
+from floki.shard.channel import Channel
+from floki.shard.checkpoint import CheckpointCorrupt
+from floki.shard.wal import Wal
+
+log = logging.getLogger(__name__)
+
+FORMAT = 1                      # queue.json and channels.json "format"
+ID_BLOCK = 65536                # the high-water mark is raised by at least this many ids
+
+
+class QueueLocked(Exception):
+    """Another process (or another Queue object) holds this queue's LOCK."""
+
+
+class UnsupportedQueueFormat(Exception):
+    """queue.json or channels.json says a format this code does not know (a newer Floki)."""
+
+
+class Queue:
+    """One open queue. Create it with Queue.create() or Queue.open(); not thread-safe."""
+
+    def __init__(self, data_dir: Path, name: str, directory: Path, lock_fd: int,
+                 settings: QueueSettings, fsync: str):
+        self.data_dir = data_dir
+        self.name = name
+        self.directory = directory
+        self.settings = settings
+        self.fsync = fsync                      # "never" | "interval" | "always"
+        self._lock_fd: int | None = lock_fd
+        self._wal: Wal | None = None
+        self._channels: dict[str, Channel] = {}
+        self._high_water = 0                    # durable: no id above it has been handed out
+        self._dirty = False                     # channel state changed since the checkpoint
+        # True once channels.json on disk is known good, so it may become the .prev generation
+        self._channels_file_good = False
+        self._queue_file_good = False
+
+    # --- create / open ----------------------------------------------------------------------
+
+    @classmethod
+    def create(cls, data_dir: Path, name: str, settings: QueueSettings, fsync: str) -> "Queue":
+        """Creates the queue's directory, files and first segment.
+
+        Returns the open queue. Raises InvalidParameter (bad name), QueueAlreadyExists,
+        QueueLocked, DiskFull / StorageIOError.
+        """
+        data_dir = Path(data_dir)
+        name = validate_name(name)
+        directory = files.queue_dir(data_dir, name)
+        try:
+            data_dir.mkdir(parents=True, exist_ok=True)
+            try:
+                directory.mkdir()
+            except FileExistsError:
+                if _holds_a_queue(directory):
+                    raise QueueAlreadyExists() from None
+                # A create that crashed before its first file: nothing in it is data.
+                log.warning("queue %r: reusing the empty directory of an unfinished create",
+                            name)
+            files.fsync_directory(data_dir)
+        except OSError as exc:
+            raise files.storage_error(exc, "create queue") from exc
+        queue = cls(data_dir, name, directory, _lock(directory, name), settings, fsync)
+        try:
+            queue._write_queue_file(clean_next_id=None)
+            queue._wal = Wal.open(directory, segment_size=settings.segment_size, min_next_id=1)
+            queue.checkpoint()
+        except BaseException:
+            queue._abandon_quietly()
+            shutil.rmtree(directory, ignore_errors=True)
+            raise
+        log.info("queue %r created", name)
+        return queue
+
+    @classmethod
+    def open(cls, data_dir: Path, name: str, defaults: QueueSettings, fsync: str) -> "Queue":
+        """Recovers an existing queue: settings and channel names from queue.json, the log from
+        its segments, channel positions from channels.json (rule 2), ids per rule 1.
+
+        Returns the open queue, its unclean-stop flag already cleared on disk.
+        Raises InvalidParameter, QueueNotFound, QueueLocked, UnsupportedQueueFormat,
+        CorruptSegment / UnsupportedFormat (unusable segment), DiskFull / StorageIOError.
+        """
+        data_dir = Path(data_dir)
+        name = validate_name(name)
+        directory = files.queue_dir(data_dir, name)
+        if not directory.is_dir():
+            raise QueueNotFound()
+        queue = cls(data_dir, name, directory, _lock(directory, name), defaults, fsync)
+        try:
+            queue._recover(defaults)
+        except BaseException:
+            queue._abandon_quietly()
+            raise
+        return queue
+
+    def _recover(self, defaults: QueueSettings) -> None:
+        meta = self._read_checkpoint(files.queue_file(self.directory), "queue.json",
+                                     _valid_queue_file)
+        positions = self._read_checkpoint(files.channels_file(self.directory), "channels.json",
+                                          _valid_channels_file)
+        snapshots: dict[str, Any] = positions["channels"] if positions else {}
+        if meta is not None:
+            self.settings = _settings_from(meta.get("settings", {}), defaults, self.name)
+            names = list(meta.get("channels", snapshots))
+            clean_next_id = meta.get("clean_next_id")
+            self._high_water = meta["id_high_water"]
+            min_next_id = clean_next_id if clean_next_id is not None else self._high_water + 1
+        else:
+            log.error("queue %r: queue.json and its previous generation are unusable: settings "
+                      "are the server defaults, channel names come from channels.json, and ids "
+                      "continue from the segments on disk (an id lost with a torn tail could "
+                      "be handed out again)", self.name)
+            names = list(snapshots)
+            min_next_id = 1
+        # An unacked id in a checkpoint was delivered, so it was handed out: never below it.
+        min_next_id = max([min_next_id] + [_last_unacked(s) + 1 for s in snapshots.values()])
+        self._wal = Wal.open(self.directory, segment_size=self.settings.segment_size,
+                             min_next_id=min_next_id)
+        first_id = self._wal.first_id
+        for channel_name in names:
+            channel = self._restore_channel(channel_name, snapshots.get(channel_name), first_id)
+            if channel is not None:
+                self._channels[channel.name] = channel
+        self._high_water = max(self._high_water, self._wal.next_id - 1)
+        # Clears the clean flag before any push, so a crash from now on is detected (rule 1).
+        self._write_queue_file(clean_next_id=None)
+        if not self._channels_file_good or self._dirty:
+            self.checkpoint()
+        log.info("queue %r opened: ids %d..%d, %d segment(s), %d channel(s)", self.name,
+                 first_id, self._wal.next_id - 1, len(self._wal.segments()), len(self._channels))
+
+    def _restore_channel(self, name: Any, snapshot: Any, first_id: int) -> Channel | None:
+        try:
+            name = validate_name(name)
+        except Exception:
+            log.error("queue %r: dropping invalid channel name %r from a checkpoint", self.name,
+                      name)
+            return None
+        channel = None
+        if snapshot is not None:
+            try:
+                channel = Channel.from_snapshot(name, snapshot)
+            except ValueError as exc:
+                log.error("queue %r: %s", self.name, exc)
+        if channel is None:
+            # Position unknown: redeliver everything retained rather than skip anything.
+            log.error("queue %r: channel %r has no usable checkpoint; it restarts at the oldest "
+                      "retained id %d (everything retained is delivered again)", self.name,
+                      name, first_id)
+            channel = Channel(name, first_id)
+            self._dirty = True
+        channel.skip_to(first_id)
+        return channel
+
+    def _read_checkpoint(self, path: Path, label: str, valid) -> dict | None:
+        """Returns the newest good generation of a checkpoint file (the file, else its .prev),
+        or None when neither is usable. Raises UnsupportedQueueFormat, StorageIOError."""
+        good_flag = "_queue_file_good" if label == "queue.json" else "_channels_file_good"
+        for candidate in (path, files.previous_path(path)):
+            try:
+                data = checkpoint.read_json(candidate)
+                if data is None:
+                    problem = "missing"
+                else:
+                    if isinstance(data.get("format"), int) and data["format"] > FORMAT:
+                        raise UnsupportedQueueFormat(
+                            f"{candidate}: format {data['format']} is newer than this Floki "
+                            f"understands ({FORMAT})")
+                    problem = valid(data)
+            except CheckpointCorrupt as exc:
+                problem = exc.reason
+            if problem is None:
+                if candidate == path:
+                    setattr(self, good_flag, True)
+                else:
+                    log.error("queue %r: using the previous generation %s", self.name,
+                              candidate.name)
+                return data
+            if candidate == path:
+                log.error("queue %r: %s is %s", self.name, label, problem)
+            elif problem != "missing":
+                log.error("queue %r: %s is %s", self.name, candidate.name, problem)
+        return None
+
+    # --- channels ---------------------------------------------------------------------------
+
+    def channel_names(self) -> list[str]:
+        return sorted(self._channels)
+
+    def has_channel(self, name: str) -> bool:
+        return name in self._channels
+
+    def create_channel(self, name: str) -> bool:
+        """Adds a channel that sees only messages pushed from now on (seek to replay).
+
+        Returns False if it already existed. The channel is durable when this returns.
+        Raises InvalidParameter, DiskFull / StorageIOError.
+        """
+        name = validate_name(name)
+        if name in self._channels:
+            return False
+        self._channels[name] = Channel(name, self._live_wal().next_id)
+        try:
+            # Positions first, then names: a crash in between leaves the create undone.
+            self.checkpoint()
+            self._write_queue_file(clean_next_id=None)
+        except BaseException:
+            del self._channels[name]
+            self._dirty = True
+            raise
+        return True
+
+    def delete_channel(self, name: str) -> bool:
+        """Removes a channel and its state. Returns False if there was no such channel.
+        Raises DiskFull / StorageIOError."""
+        channel = self._channels.pop(name, None)
+        if channel is None:
+            return False
+        try:
+            # Names first, then positions: a crash in between leaves the delete done.
+            self._write_queue_file(clean_next_id=None)
+        except BaseException:
+            self._channels[name] = channel
+            raise
+        self._dirty = True
+        self.checkpoint()
+        return True
+
+    def _channel(self, name: str) -> Channel:
+        channel = self._channels.get(name)
+        if channel is None:
+            raise ChannelNotFound()
+        return channel
+
+    # --- push -------------------------------------------------------------------------------
+
+    def push(self, bodies: Sequence[bytes], now_ms: int) -> tuple[int, int]:
+        """Appends the bodies as consecutive new ids in one write (not yet fsynced; with
+        fsync = "always" the caller calls sync() before replying).
+
+        Returns (first_id, last_id).
+        Raises MessageTooLarge, DiskFull / StorageIOError (nothing of the batch stored).
+        """
+        wal = self._live_wal()
+        last_id = wal.next_id + len(bodies) - 1
+        if last_id > self._high_water:
+            self._raise_high_water(last_id + max(ID_BLOCK, 2 * len(bodies)))
+        return wal.append(bodies, now_ms)
+
+    def _raise_high_water(self, high_water: int) -> None:
+        previous = self._high_water
+        self._high_water = high_water
+        try:
+            self._write_queue_file(clean_next_id=None)
+        except BaseException:
+            self._high_water = previous
+            raise
+
+    @property
+    def needs_sync(self) -> bool:
+        return self._live_wal().needs_sync
+
+    def sync(self) -> None:
+        """fsyncs everything appended so far. Raises DiskFull / StorageIOError."""
+        self._live_wal().sync()
+
+    # --- get / ack --------------------------------------------------------------------------
+
+    def get(self, channel: str, count: int, now: float) -> list[tuple[int, int, bytes]]:
+        """Hands out up to `count` messages: expired and restored deliveries first (each with
+        a new ticket; one whose message is gone or unreadable is dropped), then new messages in
+        id order, within the channel's max_in_flight.
+
+        Returns [(id, ticket, body), ...]. Raises ChannelNotFound, StorageIOError.
+        """
+        wal = self._live_wal()
+        ch = self._channel(channel)
+        if count <= 0:
+            return []
+        cap = self.settings.max_in_flight
+        timeout_s = self.settings.message_timeout
+        out: list[tuple[int, int, bytes]] = []
+        due = ch.take_due(now, count, cap)
+        if due:
+            self._dirty = True
+            try:
+                bodies = self._read_ids(due)
+            except BaseException:
+                ch.return_due(due)          # an I/O error must not lose the redeliveries
+                raise
+            kept = [id_ for id_ in due if id_ in bodies]
+            if len(kept) < len(due):
+                log.warning("queue %r channel %r: %d redelivery(ies) dropped: message removed "
+                            "or unreadable", self.name, channel, len(due) - len(kept))
+            tickets = ch.hand_out(kept, now, timeout_s)
+            out.extend((id_, t, bodies[id_]) for id_, t in zip(kept, tickets))
+        room = min(count - len(out), cap - ch.in_flight_count)
+        stop = self._readable_end()
+        if room > 0 and ch.next_id < stop:
+            self._dirty = True
+            records = wal.read(ch.next_id, room, stop)
+            tickets = ch.hand_out([id_ for id_, _ in records], now, timeout_s)
+            out.extend((id_, t, body) for (id_, body), t in zip(records, tickets))
+            if len(records) < room:
+                # wal.read scanned everything below `stop`: the ids it did not return are
+                # removed, missing or corrupt, and are never served; don't rescan them.
+                ch.advance_to(stop)
+        return out
+
+    def _read_ids(self, ids: Sequence[int]) -> dict[int, bytes]:
+        """Returns {id: body} for the ids still readable, one wal.read per run of ids."""
+        found: dict[int, bytes] = {}
+        ordered = sorted(ids)
+        start = 0
+        for k in range(1, len(ordered) + 1):
+            if k == len(ordered) or ordered[k] != ordered[k - 1] + 1:
+                first, last = ordered[start], ordered[k - 1]
+                found.update(self._live_wal().read(first, last - first + 1, last + 1))
+                start = k
+        return found
+
+    def _readable_end(self) -> int:
+        """One past the highest id a consumer may see (rule 3)."""
+        wal = self._live_wal()
+        return wal.synced_next_id if self.fsync == "always" else wal.next_id
+
+    def has_available(self, channel: str, now: float) -> bool:
+        """True when get(channel, 1, now) would (most likely) return a message: a due
+        redelivery, or a new message within the in-flight cap. Unknown channel: False."""
+        ch = self._channels.get(channel)
+        if ch is None:
+            return False
+        cap = self.settings.max_in_flight
+        if ch.has_due(now, cap):
+            return True
+        return (ch.in_flight_count < cap
+                and max(ch.next_id, self._live_wal().first_id) < self._readable_end())
+
+    def next_wakeup(self, channel: str) -> float | None:
+        """Returns the earliest deadline in flight on the channel (when a redelivery becomes
+        available without a push), or None."""
+        ch = self._channels.get(channel)
+        return None if ch is None else ch.next_deadline()
+
+    def ack(self, channel: str, tickets: Sequence[int], now: float) -> int:
+        """Returns how many tickets were live and unexpired (unknown channel: 0)."""
+        ch = self._channels.get(channel)
+        if ch is None:
+            return 0
+        acked = ch.ack(tickets, now)
+        if acked:
+            self._dirty = True
+        return acked
+
+    # --- seek / purge -----------------------------------------------------------------------
+
+    def seek_id(self, channel: str, id: int) -> None:
+        """The channel next reads `id` (the oldest retained one if `id` is gone; nothing until
+        it is written if it is in the future). Its deliveries in flight are dropped. Durable
+        at return, so a restart never undoes a rewind. Raises ChannelNotFound,
+        DiskFull / StorageIOError."""
+        ch = self._channel(channel)
+        ch.seek(max(id, self._live_wal().first_id))
+        self._dirty = True
+        self.checkpoint()
+
+    def seek_timestamp(self, channel: str, timestamp_s: float) -> None:
+        """The channel next reads the first message stamped at or after `timestamp_s` (Unix
+        seconds). Otherwise as seek_id. Raises ChannelNotFound, DiskFull / StorageIOError."""
+        self._channel(channel)
+        if not math.isfinite(timestamp_s):
+            raise InvalidParameter("Invalid Timestamp")
+        # Rounding first keeps 0.29 s from becoming 290.00000000000006 -> 291 ms.
+        timestamp_ms = math.ceil(round(timestamp_s * 1000, 6))
+        self.seek_id(channel, self._live_wal().find_id_by_timestamp(timestamp_ms))
+
+    def purge_channel(self, channel: str) -> bool:
+        """Skips everything written so far for one channel; its in-flight set is dropped.
+        Returns False if there is no such channel."""
+        ch = self._channels.get(channel)
+        if ch is None:
+            return False
+        ch.purge(self._live_wal().next_id)
+        self._dirty = True
+        return True
+
+    def purge(self) -> None:
+        """Drops every message (ids keep growing) and moves every channel to the head.
+        Raises DiskFull / StorageIOError."""
+        wal = self._live_wal()
+        wal.purge()
+        for ch in self._channels.values():
+            ch.purge(wal.next_id)
+        self._dirty = True
+        self.checkpoint()
+
+    # --- settings ---------------------------------------------------------------------------
+
+    def set_setting(self, key: str, raw: str) -> None:
+        """Changes one of this queue's settings (floki.toml syntax); durable at return.
+        Raises ConfigError (nothing changed), DiskFull / StorageIOError."""
+        new = self.settings.with_value(key, raw)
+        old, self.settings = self.settings, new
+        try:
+            self._write_queue_file(clean_next_id=None)
+        except BaseException:
+            self.settings = old
+            raise
+        self._live_wal().segment_size = new.segment_size
+
+    # --- maintenance ------------------------------------------------------------------------
+
+    def maintenance(self, now: float, now_ms: int, fsync_due: bool) -> None:
+        """One maintenance tick: retention, a checkpoint if channel state changed, and an fsync
+        if `fsync_due` in "interval" mode. Raises DiskFull / StorageIOError."""
+        self._apply_retention(now_ms)
+        if self._dirty:
+            self.checkpoint()
+        if fsync_due and self.fsync == "interval":
+            self.sync()
+
+    def _apply_retention(self, now_ms: int) -> None:
+        """Removes whole segments from the oldest, stopping at the first one kept (rule 4)."""
+        wal = self._live_wal()
+        s = self.settings
+        hard_period_ms = s.hard_retention_period * 1000
+        soft_period_ms = s.retention_period * 1000
+        needed_from = min((ch.oldest_unacked() for ch in self._channels.values()), default=None)
+        removed = []
+        for segment in wal.segments():
+            if segment.active:
+                break
+            total_bytes = wal.disk_bytes()
+            age_ms = (math.inf if segment.newest_timestamp_ms is None
+                      else now_ms - segment.newest_timestamp_ms)
+            hard = ((hard_period_ms and age_ms > hard_period_ms)
+                    or (s.hard_retention_size and total_bytes > s.hard_retention_size))
+            if not hard:
+                consumed = needed_from is not None and needed_from >= segment.end_id
+                keep_for_replay = ((soft_period_ms and age_ms <= soft_period_ms)
+                                   or (s.retention_size and total_bytes <= s.retention_size))
+                if not consumed or keep_for_replay:
+                    break
+            wal.remove_oldest_segment()
+            removed.append(segment)
+            log.info("queue %r: %s retention removed ids %d..%d", self.name,
+                     "hard" if hard else "soft", segment.first_id, segment.end_id - 1)
+        if removed:
+            first_id = wal.first_id
+            for ch in self._channels.values():
+                if ch.oldest_unacked() < first_id:
+                    log.warning("queue %r channel %r: hard retention removed unacked messages "
+                                "below id %d", self.name, ch.name, first_id)
+                    ch.skip_to(first_id)
+                    self._dirty = True
+
+    # --- checkpoints ------------------------------------------------------------------------
+
+    def checkpoint(self) -> None:
+        """Writes channels.json (every cursor and unacked id runs) atomically, keeping the
+        previous good file as channels.json.prev. Raises DiskFull / StorageIOError."""
+        self._live_wal()
+        data = {"format": FORMAT,
+                "channels": {n: ch.snapshot() for n, ch in sorted(self._channels.items())}}
+        self._replace(files.channels_file(self.directory), data, "_channels_file_good")
+        self._dirty = False
+
+    def _write_queue_file(self, clean_next_id: int | None) -> None:
+        data = {"format": FORMAT, "settings": self.settings.to_dict(),
+                "id_high_water": self._high_water, "clean_next_id": clean_next_id,
+                "channels": sorted(self._channels)}
+        self._replace(files.queue_file(self.directory), data, "_queue_file_good")
+
+    def _replace(self, path: Path, data: dict, good_flag: str) -> None:
+        """Replaces a checkpoint file, first keeping the current one (known good) as .prev."""
+        if getattr(self, good_flag):
+            previous = files.previous_path(path)
+            link_tmp = files.tmp_path(previous)
+            try:
+                try:
+                    os.unlink(link_tmp)
+                except FileNotFoundError:
+                    pass
+                # A hard link keeps the current file in place until the new one replaces it,
+                # so there is no moment without a primary; write_atomic's directory fsync
+                # makes this rename durable too.
+                os.link(path, link_tmp)
+                os.replace(link_tmp, previous)
+            except OSError as exc:
+                log.warning("queue %r: cannot keep %s (%s); writing without a backup",
+                            self.name, previous.name, exc)
+        checkpoint.write_json(path, data)
+        setattr(self, good_flag, True)
+
+    # --- lifetime ---------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Clean stop: fsync, final checkpoint, exact next id recorded (so the restart leaves
+        no id gap), LOCK released. Idempotent. Raises DiskFull / StorageIOError (the queue is
+        closed anyway; the next open then treats the stop as a crash)."""
+        wal = self._wal
+        if wal is None:
+            return
+        try:
+            wal.sync()
+            self.checkpoint()
+            self._high_water = wal.next_id - 1
+            self._write_queue_file(clean_next_id=wal.next_id)
+        finally:
+            self._abandon()
+
+    def delete(self) -> None:
+        """Closes the queue and removes its directory and every file in it. The object is dead
+        afterwards. The directory is first renamed to a hidden name (still holding the LOCK),
+        so a crash leaves either the whole queue or no queue.
+        Raises StorageIOError if the rename fails (the queue is closed, its files untouched)."""
+        try:
+            self._close_wal(sync=False)
+            trash = files.deleting_dir(self.data_dir, self.name, secrets.token_hex(4))
+            try:
+                os.rename(self.directory, trash)
+                files.fsync_directory(self.data_dir)
+            except OSError as exc:
+                raise files.storage_error(exc, "delete queue") from exc
+        finally:
+            self._unlock()
+        shutil.rmtree(trash, ignore_errors=True)
+        log.info("queue %r deleted", self.name)
+
+    def _abandon(self) -> None:
+        """Closes the Wal (with its fsync) and releases the LOCK, whatever fails."""
+        try:
+            self._close_wal(sync=True)
+        finally:
+            self._unlock()
+
+    def _abandon_quietly(self) -> None:
+        """_abandon() for a queue that failed to open: the first error is the one to report."""
+        try:
+            self._abandon()
+        except Exception as exc:
+            log.warning("queue %r: cleanup after a failed open: %s", self.name, exc)
+
+    def _close_wal(self, sync: bool) -> None:
+        wal, self._wal = self._wal, None
+        if wal is None:
+            return
+        try:
+            wal.close()
+        except Exception as exc:
+            if sync:
+                raise
+            log.warning("queue %r: closing the log before delete: %s", self.name, exc)
+
+    def _unlock(self) -> None:
+        fd, self._lock_fd = self._lock_fd, None
+        if fd is not None:
+            os.close(fd)      # closing the descriptor releases the flock
+
+    def _live_wal(self) -> Wal:
+        if self._wal is None:
+            raise ValueError(f"queue {self.name!r} is closed")
+        return self._wal
+
+    # --- INFO -------------------------------------------------------------------------------
+
+    def info(self, now: float) -> dict:
+        """Returns the queue's INFO entry: head (next id to be written), tail (oldest retained
+        id), segments, disk_usage (bytes), corrupt_records, and per channel its position (next
+        id it reads), in_flight (unexpired deliveries) and backlog (messages not yet read)."""
+        wal = self._live_wal()
+        head, tail = wal.next_id, wal.first_id
+        return {
+            "head": head, "tail": tail, "segments": len(wal.segments()),
+            "disk_usage": wal.disk_bytes(), "corrupt_records": wal.corrupt_records,
+            "channels": {
+                name: {"position": ch.next_id, "in_flight": ch.live_in_flight_count(now),
+                       "backlog": max(0, head - max(ch.next_id, tail))}
+                for name, ch in sorted(self._channels.items())},
+        }
+
+
+# --- helpers ------------------------------------------------------------------------------------
+
+def _lock(directory: Path, name: str) -> int:
+    """Takes the queue's LOCK. Returns its fd. Raises QueueLocked, StorageIOError."""
+    try:
+        fd = os.open(files.lock_path(directory), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except OSError as exc:
+        raise files.storage_error(exc, "open LOCK") from exc
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        os.close(fd)
+        if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            raise QueueLocked(f"queue {name!r} is in use by another process "
+                              f"({files.lock_path(directory)} is locked)") from None
+        raise files.storage_error(exc, "lock") from exc
+    return fd
+
+
+def _holds_a_queue(directory: Path) -> bool:
+    return files.queue_file(directory).exists() or bool(files.list_segment_ids(directory))
+
+
+def _settings_from(data: Any, defaults: QueueSettings, name: str) -> QueueSettings:
+    if isinstance(data, dict):
+        try:
+            return QueueSettings.from_dict(data, base=defaults)
+        except ConfigError as exc:
+            log.error("queue %r: stored settings unusable (%s); using the server defaults",
+                      name, exc)
+    return defaults
+
+
+def _last_unacked(snapshot: Any) -> int:
+    """Returns the highest unacked id a channel checkpoint entry lists (0 if none/garbled)."""
+    try:
+        last = snapshot["unacked"][-1][1]
+    except (TypeError, KeyError, IndexError):
+        return 0
+    return last if _is_count(last) else 0
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _valid_queue_file(data: dict) -> str | None:
+    """Returns what is wrong with a queue.json object, or None."""
+    if data.get("format") != FORMAT:
+        return f"of unknown format {data.get('format')!r}"
+    if not _is_count(data.get("id_high_water")):
+        return "missing a valid id_high_water"
+    clean = data.get("clean_next_id")
+    if clean is not None and not (_is_count(clean) and clean >= 1):
+        return "holding an invalid clean_next_id"
+    channels = data.get("channels", [])
+    if not isinstance(channels, list) or not all(isinstance(c, str) for c in channels):
+        return "holding an invalid channel list"
+    return None
+
+
+def _valid_channels_file(data: dict) -> str | None:
+    """Returns what is wrong with a channels.json object, or None (entries are checked one by
+    one when restored)."""
+    if data.get("format") != FORMAT:
+        return f"of unknown format {data.get('format')!r}"
+    if not isinstance(data.get("channels"), dict):
+        return "missing its channels"
+    return None
+

@@ -1,0 +1,412 @@
+"""ShardServer: the shard's ZeroMQ ROUTER loop.
+
+Owns: turning wire requests into calls on the Catalog's queues, group commit, parked long polls
+and the shard's timers (fsync interval, maintenance).
+Rules:
+  1. Single-threaded. One loop pass: take every request waiting on the socket (up to a cap),
+     execute them, then (fsync = "always") fsync each queue that was appended to ONCE, and only
+     then send the replies: pushes that arrive while one fsync runs share the next one.
+  2. A reply is sent only after the work it reports is done (written to the OS; fsynced in
+     "always" mode). If that fsync fails the shard exits without replying (the supervisor
+     restarts it and recovery decides what is on disk): an unsynced push is never acknowledged.
+  3. A long poll (HMGET with a timeout and nothing available) is parked, not busy-waited. It is
+     answered when a push or an expired delivery makes a message available to its channel, when
+     its deadline passes (empty array), or dropped when the frontend cancels it (client gone),
+     so a vanished client never swallows messages.
+  4. Every handler is in HANDLERS, keyed by request type; errors become replies via errors.py.
+"""
+from __future__ import annotations
+
+import heapq
+import itertools
+import json
+import logging
+import os
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Callable
+
+import zmq
+
+from floki import __version__, commands, reply, wire
+from floki import requests as rq
+from floki.config import ConfigError, ServerConfig
+from floki.errors import (ChannelAlreadyExists, FlokiError, InvalidParameter,
+                          QueueAlreadyExists, WrongShard, to_reply)
+from floki.shard.catalog import Catalog
+
+log = logging.getLogger(__name__)
+
+MAX_BATCH = 4096            # requests taken from the socket per loop pass
+MAX_POLL_S = 0.1            # the loop wakes at least this often (signals, parked polls)
+# Server settings CONFIG SET server.KEY may change on a live shard.
+RUNTIME_SERVER_KEYS = frozenset({"fsync", "fsync_interval", "maintenance_interval",
+                                 "max_message_size", "max_get_count", "log_level"})
+
+
+class FsyncFailed(Exception):
+    """fsync failed in "always" mode: the shard must exit without acknowledging anything."""
+
+
+@dataclass(eq=False)
+class Parked:
+    identity: bytes
+    request_id: int
+    request: rq.Get
+    deadline: float
+    active: bool = True
+
+
+@dataclass
+class _Timers:
+    next_maintenance: float = 0.0
+    next_fsync: float = 0.0
+
+
+class ShardServer:
+    def __init__(self, config: ServerConfig, index: int, catalog: Catalog, socket: zmq.Socket):
+        self.config = config
+        self.index = index
+        self.catalog = catalog
+        self.socket = socket
+        self.limits = commands.Limits(config.max_message_size, config.max_get_count)
+        self.outbox: list[list[bytes]] = []
+        self.appended: set[str] = set()        # queues appended to in this pass
+        # parked long polls: queue -> channel -> FIFO of waiters; plus lookup and deadlines
+        self.parked: dict[str, dict[str, deque[Parked]]] = {}
+        self.parked_by_id: dict[tuple[bytes, int], Parked] = {}
+        self.deadlines: list[tuple[float, int, Parked]] = []
+        self._seq = itertools.count()
+        now = time.monotonic()
+        self.timers = _Timers(now + config.maintenance_interval, now + config.fsync_interval)
+        self.started = time.time()
+        self.handlers: dict[type, Callable] = {
+            rq.Push: self.push, rq.Get: self.get, rq.Ack: self.ack,
+            rq.SeekId: self.seek_id, rq.SeekTimestamp: self.seek_timestamp,
+            rq.Create: self.create, rq.Delete: self.delete, rq.Purge: self.purge,
+            rq.QueueConfigSet: self.queue_config_set,
+            rq.InfoServer: self.info_server, rq.InfoQueues: self.info_queues,
+            rq.ConfigGetServer: self.config_get_server,
+            rq.ConfigGetQueues: self.config_get_queues,
+            rq.ConfigSetServer: self.config_set_server,
+        }
+
+    # --- the loop ----------------------------------------------------------------------------
+
+    def serve(self, should_stop: Callable[[], bool]) -> None:
+        """Runs until should_stop() is true. Raises FsyncFailed (the caller exits non-zero)."""
+        poller = zmq.Poller()
+        poller.register(self.socket, zmq.POLLIN)
+        while not should_stop():
+            if poller.poll(self._poll_timeout_ms()):
+                self._take_batch()
+            self._finish_pass()
+            self._run_timers(time.monotonic())
+            self._finish_pass()
+
+    def _poll_timeout_ms(self) -> int:
+        now = time.monotonic()
+        wake = min(now + MAX_POLL_S, self.timers.next_maintenance)
+        if self.config.fsync == "interval":
+            wake = min(wake, self.timers.next_fsync)
+        if self.deadlines:
+            wake = min(wake, self.deadlines[0][0])
+        return max(0, int((wake - now) * 1000) + 1)
+
+    def _take_batch(self) -> None:
+        for _ in range(MAX_BATCH):
+            try:
+                frames = self.socket.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            self.handle_frames(frames)
+
+    def handle_frames(self, frames: list[bytes]) -> None:
+        """One message from the ROUTER: [identity, request_id, kind, *args]."""
+        identity, body = frames[0], frames[1:]
+        try:
+            request_id, kind, args = wire.decode_request(body)
+        except wire.WireError as exc:
+            log.warning("dropped a malformed wire message: %s", exc)
+            return
+        if kind == wire.PING:
+            self._send(identity, request_id, wire.PONG, self._status())
+        elif kind == wire.CANCEL:
+            self._cancel(identity, request_id)
+        else:
+            self._execute(identity, request_id, args)
+
+    def _execute(self, identity: bytes, request_id: int, argv: list[bytes]) -> None:
+        try:
+            request = commands.parse(argv, self.limits)
+            handler = self.handlers.get(type(request))
+            if handler is None:
+                raise InvalidParameter("command is not served by shards")
+            queue_name = getattr(request, "queue", None)
+            if queue_name is not None and not self.catalog.owns(queue_name):
+                raise WrongShard()
+            result = handler(request, identity, request_id)
+        except FlokiError as exc:
+            result = (wire.RESP, to_reply(exc))
+        except Exception as exc:
+            log.exception("internal error executing %r", argv[:1])
+            result = (wire.RESP, to_reply(exc))
+        if result is not None:
+            self._send(identity, request_id, *result)
+
+    def _send(self, identity: bytes, request_id: int, status: bytes, payload: bytes) -> None:
+        self.outbox.append([identity, *wire.encode_reply(request_id, status, payload)])
+
+    def _finish_pass(self) -> None:
+        """Group commit, then replies, then wake long polls on queues that got messages."""
+        appended, self.appended = self.appended, set()
+        if appended and self.config.fsync == "always":
+            for name in appended:
+                queue = self.catalog.queues.get(name)
+                if queue is not None and queue.needs_sync:
+                    try:
+                        queue.sync()
+                    except OSError as exc:
+                        raise FsyncFailed(f"queue {name!r}: {exc}") from exc
+        self._flush_outbox()
+        now = time.monotonic()
+        for name in appended:
+            self._wake_queue(name, now)
+        self._flush_outbox()
+
+    def _flush_outbox(self) -> None:
+        outbox, self.outbox = self.outbox, []
+        for frames in outbox:
+            try:
+                self.socket.send_multipart(frames, zmq.NOBLOCK)
+            except zmq.Again:
+                # The frontend is gone or not reading; its requests will be failed there.
+                log.warning("reply dropped: frontend %r not reachable", frames[0])
+
+    # --- timers ------------------------------------------------------------------------------
+
+    def _run_timers(self, now: float) -> None:
+        timers = self.timers
+        if self.config.fsync == "interval" and now >= timers.next_fsync:
+            timers.next_fsync = now + self.config.fsync_interval
+            for queue in self.catalog:
+                if queue.needs_sync:
+                    try:
+                        queue.sync()
+                    except OSError:
+                        log.exception("queue %r: fsync failed", queue.name)
+        if now >= timers.next_maintenance:
+            timers.next_maintenance = now + self.config.maintenance_interval
+            now_ms = time.time_ns() // 1_000_000
+            for queue in self.catalog:
+                try:
+                    queue.maintenance(now, now_ms, False)
+                except Exception:
+                    log.exception("queue %r: maintenance failed", queue.name)
+        while self.deadlines and self.deadlines[0][0] <= now:
+            _, _, parked = heapq.heappop(self.deadlines)
+            if parked.active:
+                self._unpark(parked)
+                self._send(parked.identity, parked.request_id, wire.RESP, reply.EMPTY_ARRAY)
+        # Expired deliveries make messages available again without any push.
+        for name in list(self.parked):
+            self._wake_queue(name, now)
+
+    # --- parked long polls -------------------------------------------------------------------
+
+    def _park(self, request: rq.Get, identity: bytes, request_id: int) -> None:
+        parked = Parked(identity, request_id, request, time.monotonic() + request.timeout_s)
+        by_channel = self.parked.setdefault(request.queue, {})
+        by_channel.setdefault(request.channel, deque()).append(parked)
+        self.parked_by_id[(identity, request_id)] = parked
+        heapq.heappush(self.deadlines, (parked.deadline, next(self._seq), parked))
+
+    def _unpark(self, parked: Parked) -> None:
+        parked.active = False
+        self.parked_by_id.pop((parked.identity, parked.request_id), None)
+        by_channel = self.parked.get(parked.request.queue)
+        if by_channel is None:
+            return
+        waiters = by_channel.get(parked.request.channel)
+        if waiters is not None:
+            try:
+                waiters.remove(parked)
+            except ValueError:
+                pass
+            if not waiters:
+                del by_channel[parked.request.channel]
+        if not by_channel:
+            del self.parked[parked.request.queue]
+
+    def _cancel(self, identity: bytes, request_id: int) -> None:
+        parked = self.parked_by_id.get((identity, request_id))
+        if parked is not None:
+            self._unpark(parked)
+
+    def _wake_queue(self, name: str, now: float) -> None:
+        """Answers parked polls of queue `name` while messages are available to them."""
+        by_channel = self.parked.get(name)
+        if not by_channel:
+            return
+        queue = self.catalog.queues.get(name)
+        for channel, waiters in list(by_channel.items()):
+            while waiters:
+                parked = waiters[0]
+                try:
+                    if queue is None or not queue.has_channel(channel):
+                        # Deleted while waiting: re-running the get reports QNF/CNF.
+                        payload = self._get_reply(parked.request, now)
+                    elif not queue.has_available(channel, now):
+                        break
+                    else:
+                        payload = self._get_reply(parked.request, now)
+                        if payload == reply.EMPTY_ARRAY:
+                            break
+                except FlokiError as exc:
+                    payload = to_reply(exc)
+                self._unpark(parked)
+                self._send(parked.identity, parked.request_id, wire.RESP, payload)
+
+    def _get_reply(self, request: rq.Get, now: float) -> bytes:
+        queue = self.catalog.get(request.queue)
+        return reply.messages(queue.get(request.channel, request.count, now))
+
+    @property
+    def parked_count(self) -> int:
+        return len(self.parked_by_id)
+
+    # --- handlers: each returns (status, payload), or None when the request is parked ---------
+
+    def push(self, request: rq.Push, identity: bytes, request_id: int):
+        queue = self.catalog.get(request.queue)
+        queue.push(request.bodies, time.time_ns() // 1_000_000)
+        self.appended.add(request.queue)
+        return wire.RESP, reply.integer(len(request.bodies))
+
+    def get(self, request: rq.Get, identity: bytes, request_id: int):
+        queue = self.catalog.get(request.queue)
+        if request.count == 0:
+            if not queue.has_channel(request.channel):
+                queue.get(request.channel, 0, time.monotonic())  # raises ChannelNotFound
+            return wire.RESP, reply.EMPTY_ARRAY
+        items = queue.get(request.channel, request.count, time.monotonic())
+        if items or request.timeout_s <= 0:
+            return wire.RESP, reply.messages(items)
+        self._park(request, identity, request_id)
+        return None
+
+    def ack(self, request: rq.Ack, identity: bytes, request_id: int):
+        queue = self.catalog.get(request.queue)
+        return wire.RESP, reply.integer(queue.ack(request.channel, request.tickets,
+                                                  time.monotonic()))
+
+    def seek_id(self, request: rq.SeekId, identity: bytes, request_id: int):
+        self.catalog.get(request.queue).seek_id(request.channel, request.id)
+        self._wake_queue(request.queue, time.monotonic())
+        return wire.RESP, reply.integer(2)  # Floki's original HMSET reply
+
+    def seek_timestamp(self, request: rq.SeekTimestamp, identity: bytes, request_id: int):
+        self.catalog.get(request.queue).seek_timestamp(request.channel, request.timestamp_s)
+        self._wake_queue(request.queue, time.monotonic())
+        return wire.RESP, reply.integer(2)
+
+    def create(self, request: rq.Create, identity: bytes, request_id: int):
+        if request.queue in self.catalog:
+            queue = self.catalog.get(request.queue)
+            if not request.nx:
+                if queue.has_channel(request.channel):
+                    raise ChannelAlreadyExists()
+                raise QueueAlreadyExists()
+        else:
+            queue = self.catalog.create(request.queue)
+        queue.create_channel(request.channel)
+        return wire.RESP, reply.OK
+
+    def delete(self, request: rq.Delete, identity: bytes, request_id: int):
+        if request.channel is None:
+            deleted = self.catalog.delete(request.queue)
+        else:
+            queue = self.catalog.queues.get(request.queue)
+            deleted = queue is not None and queue.delete_channel(request.channel)
+        if deleted:
+            self._wake_queue(request.queue, time.monotonic())
+        return wire.RESP, reply.integer(int(deleted))
+
+    def purge(self, request: rq.Purge, identity: bytes, request_id: int):
+        queue = self.catalog.queues.get(request.queue)
+        if queue is None:
+            return wire.RESP, reply.integer(0)
+        if request.channel is None:
+            queue.purge()
+            done = True
+        else:
+            done = queue.purge_channel(request.channel)
+        return wire.RESP, reply.integer(int(done))
+
+    def queue_config_set(self, request: rq.QueueConfigSet, identity: bytes, request_id: int):
+        queue = self.catalog.get(request.queue)
+        try:
+            queue.set_setting(request.key, request.value)
+        except ConfigError as exc:
+            raise InvalidParameter(f"Invalid CONFIG SET parameter: {exc}") from None
+        self._wake_queue(request.queue, time.monotonic())
+        return wire.RESP, reply.OK
+
+    def info_server(self, request: rq.InfoServer, identity: bytes, request_id: int):
+        return wire.JSON, _json({
+            "index": self.index, "pid": os.getpid(), "queue_count": len(self.catalog.queues),
+            "blocked_client_count": self.parked_count, "broken_queues": self.catalog.broken,
+            "uptime_s": round(time.time() - self.started, 3), "version": __version__,
+        })
+
+    def info_queues(self, request: rq.InfoQueues, identity: bytes, request_id: int):
+        now = time.monotonic()
+        return wire.JSON, _json({name: queue.info(now)
+                                 for name, queue in sorted(self.catalog.queues.items())
+                                 if name.startswith(request.prefix)})
+
+    def config_get_server(self, request: rq.ConfigGetServer, identity: bytes, request_id: int):
+        return wire.JSON, _json(self.config.to_dict())
+
+    def config_get_queues(self, request: rq.ConfigGetQueues, identity: bytes, request_id: int):
+        if request.exact:
+            selected = {request.prefix: self.catalog.queues.get(request.prefix)}
+        else:
+            selected = {n: q for n, q in self.catalog.queues.items()
+                        if n.startswith(request.prefix)}
+        return wire.JSON, _json({name: queue.settings.to_dict()
+                                 for name, queue in sorted(selected.items()) if queue})
+
+    def config_set_server(self, request: rq.ConfigSetServer, identity: bytes, request_id: int):
+        key = request.key
+        if key not in RUNTIME_SERVER_KEYS and not key.startswith("queue."):
+            raise InvalidParameter(f"Invalid CONFIG SET parameter: {key!r} cannot be changed "
+                                   "at runtime")
+        try:
+            config = self.config.with_value(key, request.value)
+        except ConfigError as exc:
+            raise InvalidParameter(f"Invalid CONFIG SET parameter: {exc}") from None
+        self.apply_config(config)
+        return wire.JSON, _json({"ok": True})
+
+    def apply_config(self, config: ServerConfig) -> None:
+        """Makes a changed server configuration take effect on this live shard."""
+        self.config = config
+        self.limits = commands.Limits(config.max_message_size, config.max_get_count)
+        self.catalog.defaults = config.queue
+        if config.fsync != self.catalog.fsync:
+            self.catalog.set_fsync(config.fsync)
+        logging.getLogger().setLevel(config.log_level.upper())
+        now = time.monotonic()
+        self.timers.next_fsync = min(self.timers.next_fsync, now + config.fsync_interval)
+        self.timers.next_maintenance = min(self.timers.next_maintenance,
+                                           now + config.maintenance_interval)
+
+    def _status(self) -> bytes:
+        return _json({"index": self.index, "pid": os.getpid(),
+                      "queues": len(self.catalog.queues)})
+
+
+def _json(obj: object) -> bytes:
+    return json.dumps(obj, separators=(",", ":")).encode()
