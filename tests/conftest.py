@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from helpers import FlokiServer, free_port, missing_process_modules
+from helpers import FlokiServer, free_port
 
 
 @pytest.fixture
@@ -21,10 +21,6 @@ def floki_server(tmp_path: Path, request: pytest.FixtureRequest):
 
     Pass `start=False` to get an unstarted FlokiServer. Every server is cleaned up at teardown.
     """
-    missing = missing_process_modules()
-    if missing:
-        pytest.skip("end-to-end test needs the process entry modules, which cannot be imported "
-                    "yet: " + "; ".join(missing))
     servers: list[FlokiServer] = []
     request.node._floki_servers = servers
 

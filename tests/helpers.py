@@ -28,6 +28,7 @@ READY_TIMEOUT_S = 15.0
 LOG_TAIL_LINES = 80
 
 T = TypeVar("T")
+FLOKI_RAW_REPLIES = ("INFO", "HMSET")
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -247,7 +248,12 @@ class FlokiServer:
         kwargs.setdefault("protocol", 3)
         kwargs.setdefault("socket_timeout", 10.0)
         kwargs.setdefault("socket_connect_timeout", 5.0)
-        return redis.Redis(host=self.host, port=self.port, **kwargs)
+        client = redis.Redis(host=self.host, port=self.port, **kwargs)
+        # redis-py reshapes INFO and HMSET replies for Redis's meaning of them; Floki's replies
+        # (a JSON array, a seek count) are wanted as they are (README: "With redis-py").
+        for name in FLOKI_RAW_REPLIES:
+            client.response_callbacks.pop(name, None)
+        return client
 
     def shards_answer(self, client=None) -> bool:
         """True when every shard answers: `INFO QUEUES` needs all of them (a down shard makes
@@ -320,17 +326,3 @@ class FlokiServer:
             return "(no log)"
         return f"--- last {lines} lines of {self.log_path} ---\n" + \
             "\n".join(text.splitlines()[-lines:])
-
-
-def missing_process_modules() -> list[str]:
-    """Returns "module: reason" for each process entry module that cannot be imported yet.
-
-    Only ImportError counts: a module that exists but is broken otherwise fails loudly.
-    """
-    missing = []
-    for name in ("floki.shard.main", "floki.frontend.main"):
-        try:
-            importlib.import_module(name)
-        except ImportError as exc:
-            missing.append(f"{name} ({exc})")
-    return missing

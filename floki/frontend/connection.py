@@ -33,6 +33,7 @@ from collections import deque
 from typing import Any
 
 from floki import __version__, wire
+from floki.reply import EMPTY_ARRAY
 from floki.commands import Limits, parse
 from floki.config import ConfigError, ServerConfig
 from floki.errors import (FlokiError, InternalError, InvalidParameter, ProtocolError,
@@ -93,7 +94,7 @@ class Frontend:
 class _Slot:
     """The place of one command's reply in its connection's output order."""
 
-    __slots__ = ("conn", "reply", "close", "request_id", "fanout")
+    __slots__ = ("conn", "reply", "close", "request_id", "fanout", "long_poll")
 
     def __init__(self, conn: Connection):
         self.conn = conn
@@ -101,6 +102,7 @@ class _Slot:
         self.close = False                  # close the connection once this reply is written
         self.request_id = 0                 # the shard request answering it (0: none)
         self.fanout: _FanOut | None = None
+        self.long_poll = False              # an HMGET that may wait at the shard
 
     def shard_replied(self, status: bytes, payload: bytes) -> None:
         if status == wire.JSON:             # a shard bug: never write JSON to a client
@@ -198,10 +200,18 @@ class Connection(asyncio.Protocol):
 
     def eof_received(self) -> bool:
         # The client sent everything (e.g. `printf 'PING\r\n' | nc`): answer it, then close.
+        # A long poll cannot be what such a client waits for, and a client that vanished mid
+        # poll looks the same: cancel parked polls now (empty answer), so no message is handed
+        # to a connection that is going away.
         self._closing = True
+        for slot in self._slots:
+            if slot.long_poll and slot.reply is None:
+                self._router.cancel(slot.request_id)
+                slot.reply = EMPTY_ARRAY
         if not self._slots:
             return False               # the transport closes itself
         self._close_when_idle = True
+        self._flush()
         return True
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -237,6 +247,7 @@ class Connection(asyncio.Protocol):
             request = parse(argv, self._frontend.limits)
             queue = getattr(request, "queue", None)
             if queue is not None:
+                slot.long_poll = getattr(request, "timeout_s", 0) > 0
                 slot.request_id = self._router.send(
                     shard_for(queue, self._frontend.shard_count), argv, slot.shard_replied)
             elif type(request) in _FANOUT_TYPES:

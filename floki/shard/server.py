@@ -243,6 +243,8 @@ class ShardServer:
         parked = self.parked_by_id.get((identity, request_id))
         if parked is not None:
             self._unpark(parked)
+        log.debug("cancel of request %d: %s", request_id,
+                  "parked poll dropped" if parked else "nothing parked")
 
     def _wake_queue(self, name: str, now: float) -> None:
         """Answers parked polls of queue `name` while messages are available to them."""
