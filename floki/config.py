@@ -172,9 +172,14 @@ class ServerConfig:
     max_get_count: int = 10_000
     shard_timeout: float = 2.0           # a shard silent this long is treated as down
     queue: QueueSettings = field(default_factory=QueueSettings)
+    # [[shard]] endpoint = "tcp://HOST:PORT" tables: explicit shard endpoints (their count is the
+    # shard count); empty: one ipc:// socket per shard under <data_dir>/.run
+    shard_endpoints: tuple[str, ...] = ()
 
     @property
     def shard_count(self) -> int:
+        if self.shard_endpoints:
+            return len(self.shard_endpoints)
         return self.shards or (os.cpu_count() or 1)
 
     @property
@@ -224,9 +229,35 @@ def config_from_dict(data: dict[str, Any]) -> ServerConfig:
             if not isinstance(body, dict):
                 raise ConfigError("queue", body, "a table")
             config = dataclasses.replace(config, queue=QueueSettings.from_dict(body))
+        elif section == "shard":
+            config = dataclasses.replace(config, shard_endpoints=_parse_shard_tables(body))
         else:
-            raise ConfigError(section, body, "a [server] or [queue] table")
+            raise ConfigError(section, body, "a [server] or [queue] table, or [[shard]] tables")
+    if config.shard_endpoints and config.shards not in (0, len(config.shard_endpoints)):
+        raise ConfigError("shards", config.shards,
+                          f"0 or {len(config.shard_endpoints)} (the number of [[shard]] tables)")
     return config
+
+
+_ENDPOINT = re.compile(r"^(tcp://[^\s:]+:\d{1,5}|ipc://\S+)$")
+
+
+def _parse_shard_tables(body: Any) -> tuple[str, ...]:
+    """[[shard]] tables, one per shard in index order, each `endpoint = "tcp://HOST:PORT"`."""
+    expected = "[[shard]] tables, each with endpoint = \"tcp://HOST:PORT\" (or ipc://PATH)"
+    if not isinstance(body, list) or not body:
+        raise ConfigError("shard", body, expected)
+    endpoints = []
+    for i, table in enumerate(body):
+        if not isinstance(table, dict) or set(table) != {"endpoint"}:
+            raise ConfigError(f"shard[{i}]", table, expected)
+        endpoint = table["endpoint"]
+        if not isinstance(endpoint, str) or not _ENDPOINT.match(endpoint):
+            raise ConfigError(f"shard[{i}].endpoint", endpoint, expected)
+        endpoints.append(endpoint)
+    if len(set(endpoints)) != len(endpoints):
+        raise ConfigError("shard", endpoints, "distinct endpoints")
+    return tuple(endpoints)
 
 
 def load_config(path: str | os.PathLike | None) -> ServerConfig:
@@ -246,5 +277,7 @@ def shard_endpoint(config: ServerConfig, index: int) -> str:
 
     Default: an ipc:// socket under `<data_dir>/.run/` (a name starting with "." is never a queue).
     """
+    if config.shard_endpoints:
+        return config.shard_endpoints[index]
     run_dir = Path(config.data_dir).resolve() / ".run"
     return f"ipc://{run_dir}/shard-{index}.ipc"

@@ -94,10 +94,13 @@ def _toml_value(value: Any) -> str:
     raise TypeError(f"cannot write {value!r} to floki.toml")
 
 
-def write_toml(path: Path, server: dict[str, Any], queue: dict[str, Any]) -> None:
-    """Writes a floki.toml with a [server] and a [queue] table."""
+def write_toml(path: Path, server: dict[str, Any], queue: dict[str, Any],
+               shard_endpoints: list[str] = ()) -> None:
+    """Writes a floki.toml with a [server] and a [queue] table, and [[shard]] tables if given."""
     lines = ["[server]"] + [f"{k} = {_toml_value(v)}" for k, v in server.items()]
     lines += ["", "[queue]"] + [f"{k} = {_toml_value(v)}" for k, v in queue.items()]
+    for endpoint in shard_endpoints:
+        lines += ["", "[[shard]]", f"endpoint = {_toml_value(endpoint)}"]
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -105,7 +108,8 @@ class FlokiServer:
     """One `floki start` (supervisor + shards + frontend) in its own directory.
 
     Overrides are floki.toml keys: server keys by name (`shards=2`, `fsync="always"`), queue
-    defaults as `queue={"message_timeout": "1s"}` or `queue_message_timeout="1s"`.
+    defaults as `queue={"message_timeout": "1s"}` or `queue_message_timeout="1s"`, explicit
+    shard endpoints as `shard_endpoints=["tcp://127.0.0.1:PORT", ...]` ([[shard]] tables).
     """
 
     DEFAULTS: dict[str, Any] = {"shards": 1, "log_level": "info"}
@@ -128,14 +132,17 @@ class FlokiServer:
     def write_config(self) -> Path:
         server: dict[str, Any] = {"bind": f"{self.host}:{self.port}", "data_dir": self.data_dir}
         queue: dict[str, Any] = {}
+        endpoints: list[str] = []
         for key, value in self.overrides.items():
-            if key == "queue":
+            if key == "shard_endpoints":
+                endpoints = list(value)
+            elif key == "queue":
                 queue.update(value)
             elif key.startswith("queue_"):
                 queue[key[len("queue_"):]] = value
             else:
                 server[key] = value
-        write_toml(self.toml_path, server, queue)
+        write_toml(self.toml_path, server, queue, endpoints)
         return self.toml_path
 
     def launch(self) -> subprocess.Popen:

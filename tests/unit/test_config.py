@@ -77,3 +77,26 @@ def test_invalid_toml_is_a_config_error(tmp_path):
     path.write_text("[server\nbind=")
     with pytest.raises(ConfigError):
         load_config(path)
+
+
+def test_shard_tables_set_endpoints_and_the_shard_count(tmp_path):
+    from floki.config import shard_endpoint
+    config = config_from_dict({"shard": [{"endpoint": "tcp://127.0.0.1:9801"},
+                                         {"endpoint": "tcp://10.0.0.2:9801"}]})
+    assert config.shard_count == 2
+    assert shard_endpoint(config, 1) == "tcp://10.0.0.2:9801"
+    assert shard_endpoint(ServerConfig(data_dir=str(tmp_path)), 0) == (
+        f"ipc://{tmp_path.resolve()}/.run/shard-0.ipc")
+
+
+@pytest.mark.parametrize("body", [[], [{"endpoint": "udp://x:1"}], [{"endpoint": 5}],
+                                  [{"endpoint": "tcp://a:1", "extra": 1}],
+                                  [{"endpoint": "tcp://a:1"}, {"endpoint": "tcp://a:1"}], {}])
+def test_bad_shard_tables_are_config_errors(body):
+    with pytest.raises(ConfigError):
+        config_from_dict({"shard": body})
+
+
+def test_shards_must_agree_with_shard_tables():
+    with pytest.raises(ConfigError, match="shards"):
+        config_from_dict({"server": {"shards": 3}, "shard": [{"endpoint": "tcp://a:1"}]})
