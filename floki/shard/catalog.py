@@ -73,11 +73,20 @@ class Catalog:
         return queue
 
     def delete(self, name: str) -> bool:
-        """Deletes the queue and its files. Returns False if there is no such queue."""
+        """Deletes the queue and its files. Returns False if there is no such queue.
+
+        Raises StorageIOError: the queue is then closed with its files in place, and listed in
+        `broken` (rule 2) until a restart opens it again.
+        """
         queue = self.queues.pop(name, None)
         if queue is None:
             return False
-        queue.delete()
+        try:
+            queue.delete()
+        except Exception as exc:
+            log.error("queue %r: delete failed, queue closed: %s", name, exc)
+            self.broken[name] = f"delete failed: {exc}"
+            raise
         return True
 
     def set_fsync(self, mode: str) -> None:

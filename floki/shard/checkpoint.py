@@ -16,7 +16,7 @@ import logging
 import os
 from pathlib import Path
 
-from floki.shard import files
+from floki.shard import fileio, files
 from floki.shard.segment import write_all
 
 log = logging.getLogger(__name__)
@@ -39,16 +39,16 @@ def write_atomic(path: Path, data: bytes) -> None:
     path = Path(path)
     tmp = files.tmp_path(path)
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        fd = fileio.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
         try:
             write_all(fd, data)
-            os.fsync(fd)
+            fileio.fsync(fd)
         finally:
-            os.close(fd)
-        os.replace(tmp, path)
+            fileio.close(fd)
+        fileio.replace(tmp, path)
     except OSError as exc:
         try:
-            os.unlink(tmp)
+            fileio.unlink(tmp)
         except OSError:
             pass
         raise files.storage_error(exc, f"write {path.name}") from exc
@@ -68,7 +68,7 @@ def read_json(path: Path) -> dict | None:
     path = Path(path)
     tmp = files.tmp_path(path)
     try:
-        os.unlink(tmp)
+        fileio.unlink(tmp)
         log.info("removed %s: an atomic write that never completed", tmp)
     except FileNotFoundError:
         pass

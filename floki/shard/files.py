@@ -26,6 +26,7 @@ from pathlib import Path
 
 from floki.errors import DiskFull, FlokiError, InvalidParameter, StorageIOError
 from floki.names import validate_name
+from floki.shard import fileio
 
 log = logging.getLogger(__name__)
 
@@ -204,11 +205,11 @@ def list_queue_names(data_dir: Path) -> list[str]:
 
 def fsync_directory(directory: Path) -> None:
     """Makes the entries of `directory` (creates, renames, unlinks) durable. Raises OSError."""
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    fd = fileio.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        os.fsync(fd)
+        fileio.fsync(fd)
     finally:
-        os.close(fd)
+        fileio.close(fd)
 
 
 def storage_error(exc: OSError, action: str) -> FlokiError:

@@ -13,6 +13,7 @@ Rules:
 """
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import signal
@@ -64,7 +65,10 @@ def run(config: ServerConfig, index: int) -> int:
     except zmq.ZMQError as exc:
         log.error("shard %d cannot bind %s: %s", index, endpoint, exc)
         catalog.close()
-        return EXIT_FATAL
+        # An ipc path too long for a unix socket (a deep data_dir) fails the same way after
+        # every restart: a boot error, not a restart loop. Other causes (address still in use
+        # by a previous shard) may pass.
+        return EXIT_BOOT if exc.errno == errno.ENAMETOOLONG else EXIT_FATAL
     log.info("shard %d of %d serving on %s (pid %d, fsync=%s)", index, config.shard_count,
              endpoint, os.getpid(), config.fsync)
 

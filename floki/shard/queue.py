@@ -152,7 +152,8 @@ class Queue:
         # An unacked id in a checkpoint was delivered, so it was handed out: never below it.
         min_next_id = max([min_next_id] + [_last_unacked(s) + 1 for s in snapshots.values()])
         self._wal = Wal.open(self.directory, segment_size=self.settings.segment_size,
-                             min_next_id=min_next_id)
+                             min_next_id=min_next_id,
+                             clean_stop=meta is not None and clean_next_id is not None)
         first_id = self._wal.first_id
         for channel_name in names:
             channel = self._restore_channel(channel_name, snapshots.get(channel_name), first_id)

@@ -11,11 +11,15 @@ Rules:
      it is used to read or allocate; a flipped length never reads past the file.
   3. Ids in a segment are dense: entry i of the index is the offset of id first_id + i, or
      NO_RECORD when that record is unreadable. Memory per message is that one u32 entry.
-  4. A batch is one os.write; if it fails the file is cut back to its size before the batch, so
-     no partial record is ever left where a later record would follow it.
+  4. A batch is one write (fileio.write, os.write in production); if it fails the file is cut
+     back to its size before the batch, so no partial record is ever left where a later record
+     would follow it.
   5. A sealed segment's bytes are never changed: damage there is skipped and counted. Only the
      active (last) segment is truncated, and only at a torn tail.
   6. The .idx file is a hint: appended once per batch, validated at open, rebuilt when wrong.
+  7. After an unclean stop the active segment's records are all checked at open: writes that
+     were never fsynced may reach the disk out of order (a hole, then valid records), and the
+     log must end at the first bad record, never skip one. Sealed segments were fsynced whole.
 """
 from __future__ import annotations
 
@@ -30,7 +34,7 @@ from pathlib import Path
 
 import crc32c
 
-from floki.shard import files
+from floki.shard import fileio, files
 
 log = logging.getLogger(__name__)
 
@@ -175,19 +179,19 @@ def write_all(fd: int, data) -> None:
     Raises OSError."""
     view = memoryview(data)
     while view:
-        written = os.write(fd, view)
+        written = fileio.write(fd, view)
         view = view[written:]
 
 
 def pread_exact(fd: int, size: int, offset: int) -> bytes:
     """Returns up to `size` bytes at `offset`; shorter only at end of file. Raises OSError."""
-    data = os.pread(fd, size, offset)
+    data = fileio.pread(fd, size, offset)
     if len(data) == size or not data:
         return data
     parts = [data]            # large reads may come back in pieces (Linux caps one at ~2 GiB)
     got = len(data)
     while got < size:
-        more = os.pread(fd, size - got, offset + got)
+        more = fileio.pread(fd, size - got, offset + got)
         if not more:
             break
         parts.append(more)
@@ -288,13 +292,13 @@ class Segment:
         Raises OSError (nothing is left behind then).
         """
         path = files.segment_path(directory, first_id)
-        fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
-                     0o644)
+        fd = fileio.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
+                         0o644)
         segment = cls(directory, first_id, created_ms, fd, writable=True)
         try:
             write_all(fd, encode_segment_header(first_id, created_ms))
-            os.fsync(fd)
-            segment._index_fd = os.open(
+            fileio.fsync(fd)
+            segment._index_fd = fileio.open(
                 segment.index_path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_TRUNC
                 | os.O_CLOEXEC, 0o644)
         except OSError:
@@ -304,19 +308,22 @@ class Segment:
         return segment
 
     @classmethod
-    def open(cls, directory: Path, first_id: int, *, active: bool) -> "Segment":
+    def open(cls, directory: Path, first_id: int, *, active: bool,
+             check_every_record: bool = False) -> "Segment":
         """Opens and recovers an existing segment (see log_format.md, "Recovery").
 
         active: the newest segment, which is opened for appending and whose torn tail is cut.
+        check_every_record (active only): ignore the stored index and check every record from
+        the header on, the log ending at the first bad one (rule 7).
         Raises CorruptSegment (or a subclass) for a file that cannot be used, OSError.
         """
         path = files.segment_path(directory, first_id)
         flags = (os.O_RDWR | os.O_APPEND) if active else os.O_RDONLY
-        fd = os.open(path, flags | os.O_CLOEXEC)
+        fd = fileio.open(path, flags | os.O_CLOEXEC)
         try:
-            file_size = os.fstat(fd).st_size
+            file_size = fileio.fstat(fd).st_size
             header_first_id, created_ms = decode_segment_header(
-                os.pread(fd, SEGMENT_HEADER_SIZE, 0), path)
+                fileio.pread(fd, SEGMENT_HEADER_SIZE, 0), path)
             if header_first_id != first_id:
                 raise CorruptSegment(path, f"header says first id {header_first_id}, "
                                            f"the file name says {first_id}")
@@ -325,16 +332,16 @@ class Segment:
                                            f"{MAX_SEGMENT_BYTES}-byte limit of u32 offsets")
             segment = cls(directory, first_id, created_ms, fd, writable=active)
         except BaseException:
-            os.close(fd)
+            fileio.close(fd)
             raise
         try:
-            segment._recover(file_size)
+            segment._recover(file_size, check_every_record and active)
         except BaseException:
             segment.close()
             raise
         return segment
 
-    def _recover(self, file_size: int) -> None:
+    def _recover(self, file_size: int, check_every_record: bool) -> None:
         try:
             with open(self.index_path, "rb") as f:
                 raw_index = f.read()
@@ -342,12 +349,14 @@ class Segment:
             raw_index = None
             log.warning("segment %s: index missing; rebuilding it by scanning", self.path)
         stored = index_from_bytes(raw_index) if raw_index else array("I")
-        trusted = self._validate_index(stored, file_size)
-        if trusted < len(stored):
-            log.warning("segment %s: index valid for %d of %d entries; rebuilding the rest",
-                        self.path, trusted, len(stored))
+        if check_every_record:
+            trusted = 0                  # rule 7: the scan below checks every record
+        else:
+            trusted = self._validate_index(stored, file_size)
+            if trusted < len(stored):
+                log.warning("segment %s: index valid for %d of %d entries; rebuilding the "
+                            "rest", self.path, trusted, len(stored))
         self.offsets = stored[:trusted]
-        index_matches_disk = raw_index is not None and len(raw_index) == trusted * 4
         scanned_from = len(self.offsets)
         if self.writable:
             end = self._scan(self.data_end, file_size, resync=False)
@@ -357,11 +366,16 @@ class Segment:
                 log.warning("segment %s: torn tail: truncating %d bytes after offset %d "
                             "(file was %d bytes, %d records kept)", self.path,
                             file_size - end, end, file_size, len(self.offsets))
-                os.ftruncate(self.fd, end)
+                fileio.ftruncate(self.fd, end)
             self.size_bytes = end
         else:
             self._scan(self.data_end, file_size, resync=True)
             self.size_bytes = file_size
+        if check_every_record:           # keep the stored entries the scan agrees with
+            trusted = scanned_from = next(
+                (i for i, (a, b) in enumerate(zip(stored, self.offsets)) if a != b),
+                min(len(stored), len(self.offsets)))
+        index_matches_disk = raw_index is not None and len(raw_index) == trusted * 4
         if len(self.offsets) != scanned_from or not index_matches_disk:
             self._rewrite_index_tail(trusted)
         elif self.writable:
@@ -534,20 +548,20 @@ class Segment:
         return None
 
     def _open_index_for_append(self) -> None:
-        self._index_fd = os.open(self.index_path, os.O_RDWR | os.O_APPEND | os.O_CREAT
-                                 | os.O_CLOEXEC, 0o644)
+        self._index_fd = fileio.open(self.index_path, os.O_RDWR | os.O_APPEND | os.O_CREAT
+                                     | os.O_CLOEXEC, 0o644)
 
     def _rewrite_index_tail(self, keep_entries: int) -> None:
         """Cuts the .idx file to `keep_entries` and appends the rest of the in-memory index.
         A read-only or full disk only costs a rebuild at the next open, so errors are logged."""
         try:
-            fd = os.open(self.index_path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC,
-                         0o644)
+            fd = fileio.open(self.index_path,
+                             os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
         except OSError as exc:
             log.warning("segment %s: cannot rewrite index: %s", self.path, exc)
             return
         try:
-            os.ftruncate(fd, keep_entries * INDEX_ENTRY_SIZE)
+            fileio.ftruncate(fd, keep_entries * INDEX_ENTRY_SIZE)
             write_all(fd, index_to_bytes(self.offsets[keep_entries:]))
             self._index_entries_on_disk = len(self.offsets)
         except OSError as exc:
@@ -556,7 +570,7 @@ class Segment:
         if self.writable:
             self._index_fd = fd
         else:
-            os.close(fd)
+            fileio.close(fd)
 
     def _load_timestamps(self) -> None:
         first = next((j for j in range(len(self.offsets)) if self.offsets[j] != NO_RECORD),
@@ -588,13 +602,13 @@ class Segment:
         """
         before = self.size_bytes
         if self._tail_dirty:            # a previous failed batch is still on disk: cut it now
-            os.ftruncate(self.fd, before)
+            fileio.ftruncate(self.fd, before)
             self._tail_dirty = False
         try:
             write_all(self.fd, data)
         except OSError:
             try:
-                os.ftruncate(self.fd, before)
+                fileio.ftruncate(self.fd, before)
             except OSError:
                 self._tail_dirty = True
                 log.error("segment %s: cannot cut a failed append back to %d bytes; will "
@@ -623,7 +637,7 @@ class Segment:
                         self.path, exc)
             self._index_stale = True
             try:
-                os.ftruncate(self._index_fd, on_disk)
+                fileio.ftruncate(self._index_fd, on_disk)
             except OSError:
                 pass
 
@@ -631,21 +645,21 @@ class Segment:
         """fsyncs the segment and its index if anything was written since (always with
         force). Raises OSError."""
         if self._index_stale and self._index_fd is not None:
-            os.ftruncate(self._index_fd, 0)
+            fileio.ftruncate(self._index_fd, 0)
             write_all(self._index_fd, index_to_bytes(self.offsets))
             self._index_entries_on_disk = len(self.offsets)
             self._index_stale = False
             self._unsynced = True
         if self._unsynced or force:
-            os.fsync(self.fd)
+            fileio.fsync(self.fd)
             if self._index_fd is not None:
-                os.fsync(self._index_fd)
+                fileio.fsync(self._index_fd)
             self._unsynced = False
 
     def seal(self) -> None:
         """Ends appending: closes the index fd. The caller has synced the segment."""
         if self._index_fd is not None:
-            os.close(self._index_fd)
+            fileio.close(self._index_fd)
             self._index_fd = None
         self.writable = False
 
@@ -748,7 +762,7 @@ class Segment:
         offset = self.offsets[j]
         if offset == NO_RECORD:
             return None
-        header = os.pread(self.fd, RECORD_HEADER_SIZE, offset)
+        header = fileio.pread(self.fd, RECORD_HEADER_SIZE, offset)
         if len(header) < RECORD_HEADER_SIZE:
             return None
         _crc, length, id_, timestamp_ms = RECORD_HEADER.unpack(header)
@@ -794,7 +808,7 @@ class Segment:
         for fd in (self._index_fd, self.fd):
             if fd is not None and fd >= 0:
                 try:
-                    os.close(fd)
+                    fileio.close(fd)
                 except OSError:
                     pass
         self._index_fd = None
@@ -803,10 +817,10 @@ class Segment:
     def unlink(self) -> None:
         """Closes and deletes the segment, then its index. Raises OSError if the segment file
         cannot be removed (nothing changed then); a leftover .idx is removed at the next open."""
-        os.unlink(self.path)
+        fileio.unlink(self.path)
         self.close()
         try:
-            os.unlink(self.index_path)
+            fileio.unlink(self.index_path)
         except FileNotFoundError:
             pass
         except OSError as exc:
@@ -815,7 +829,7 @@ class Segment:
 
 def _unlink_quietly(path: Path) -> None:
     try:
-        os.unlink(path)
+        fileio.unlink(path)
     except OSError:
         pass
 

@@ -32,14 +32,18 @@ import zmq
 from floki import __version__, commands, reply, wire
 from floki import requests as rq
 from floki.config import ConfigError, ServerConfig
-from floki.errors import (ChannelAlreadyExists, FlokiError, InvalidParameter,
-                          QueueAlreadyExists, WrongShard, to_reply)
+from floki.errors import (ChannelAlreadyExists, DiskFull, FlokiError, InvalidParameter,
+                          QueueAlreadyExists, StorageIOError, WrongShard, to_reply)
 from floki.shard.catalog import Catalog
 
 log = logging.getLogger(__name__)
 
 MAX_BATCH = 4096            # requests taken from the socket per loop pass
 MAX_POLL_S = 0.1            # the loop wakes at least this often (signals, parked polls)
+# Stale deadline entries (answered or cancelled polls) tolerated beyond twice the parked ones
+DEADLINE_SLACK = 64
+# What a failed Queue.sync raises: the OSError arrives wrapped as a client-visible error.
+_SYNC_ERRORS = (OSError, DiskFull, StorageIOError)
 # Server settings CONFIG SET server.KEY may change on a live shard.
 RUNTIME_SERVER_KEYS = frozenset({"fsync", "fsync_interval", "maintenance_interval",
                                  "max_message_size", "max_get_count", "log_level"})
@@ -167,7 +171,7 @@ class ShardServer:
                 if queue is not None and queue.needs_sync:
                     try:
                         queue.sync()
-                    except OSError as exc:
+                    except _SYNC_ERRORS as exc:
                         raise FsyncFailed(f"queue {name!r}: {exc}") from exc
         self._flush_outbox()
         now = time.monotonic()
@@ -194,7 +198,7 @@ class ShardServer:
                 if queue.needs_sync:
                     try:
                         queue.sync()
-                    except OSError:
+                    except _SYNC_ERRORS:
                         log.exception("queue %r: fsync failed", queue.name)
         if now >= timers.next_maintenance:
             timers.next_maintenance = now + self.config.maintenance_interval
@@ -238,6 +242,15 @@ class ShardServer:
                 del by_channel[parked.request.channel]
         if not by_channel:
             del self.parked[parked.request.queue]
+        self._compact_deadlines()
+
+    def _compact_deadlines(self) -> None:
+        """Answered and cancelled polls leave their heap entries until their deadline (lazy
+        deletion); with long timeouts those would pile up with every poll served, so the heap is
+        rebuilt once they outnumber the parked polls (amortised O(1) per poll)."""
+        if len(self.deadlines) > 2 * len(self.parked_by_id) + DEADLINE_SLACK:
+            self.deadlines = [entry for entry in self.deadlines if entry[2].active]
+            heapq.heapify(self.deadlines)
 
     def _cancel(self, identity: bytes, request_id: int) -> None:
         parked = self.parked_by_id.get((identity, request_id))
@@ -399,6 +412,10 @@ class ShardServer:
         self.catalog.defaults = config.queue
         if config.fsync != self.catalog.fsync:
             self.catalog.set_fsync(config.fsync)
+            if config.fsync == "always":
+                # "always" serves only synced ids: what was pushed before the switch is synced
+                # by this pass's group commit, or it would stay hidden until the next push.
+                self.appended.update(q.name for q in self.catalog if q.needs_sync)
         logging.getLogger().setLevel(config.log_level.upper())
         now = time.monotonic()
         self.timers.next_fsync = min(self.timers.next_fsync, now + config.fsync_interval)

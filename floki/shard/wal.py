@@ -15,24 +15,28 @@ Rules:
      held in user space and no per-message Python object is kept (4 bytes of index each).
   5. synced_next_id only moves in sync() (or at open/purge): every id below it is on disk.
   6. The active (last) segment is never removed by retention.
+  7. A failed fsync makes the log FAILED (RELIABILITY rule 6): appends are refused with the
+     error until an fsync succeeds again; the next append, or the next sync() (the shard's
+     fsync timer), is that probe. Reads are never refused. A failed write needs no state: the
+     batch was cut back, and the next append is its own probe.
 """
 from __future__ import annotations
 
+import enum
 import logging
-import os
 import time
 from bisect import bisect_right
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from floki.errors import MessageTooLarge
-from floki.shard import files
+from floki.errors import FlokiError, MessageTooLarge
+from floki.shard import fileio, files
 from floki.shard.segment import (MAX_SEGMENT_BYTES, RECORD_HEADER_SIZE, SEGMENT_HEADER_SIZE,
                                  CorruptSegment, Segment, UnfinishedSegment,
                                  UnsupportedFormat, encode_batch)
 
-__all__ = ["Wal", "SegmentInfo", "CorruptSegment", "UnsupportedFormat"]
+__all__ = ["Wal", "WalHealth", "SegmentInfo", "CorruptSegment", "UnsupportedFormat"]
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +49,11 @@ class SegmentInfo:
     size_bytes: int                    # the .seg file's size
     newest_timestamp_ms: int | None    # None while the segment holds no record
     active: bool                       # the newest segment, the one appends go to
+
+
+class WalHealth(enum.Enum):
+    OK = "ok"
+    FAILED = "failed"       # an fsync failed; appends are refused until one succeeds (rule 7)
 
 
 def _now_ms() -> int:
@@ -65,14 +74,20 @@ class Wal:
         self.corrupt_records = sum(s.lost_records for s in segments)
         self._dir_dirty = False
         self._closed = False
+        self.health = WalHealth.OK
+        self.failure: FlokiError | None = None      # the error that made the log FAILED
+        self._append_failing = False                # a write failed; logged once (rule 7)
 
     # --- open and recovery ------------------------------------------------------------------
 
     @classmethod
-    def open(cls, directory: Path, *, segment_size: int, min_next_id: int = 1) -> "Wal":
+    def open(cls, directory: Path, *, segment_size: int, min_next_id: int = 1,
+             clean_stop: bool = False) -> "Wal":
         """Opens (creating if needed) the log in `directory` and recovers it.
 
         min_next_id: the queue's durable high-water mark + 1; ids below it are never handed out.
+        clean_stop: the log was closed cleanly (all fsynced), so the active segment's index is
+        trusted; otherwise every record of the active segment is checked (segment.py rule 7).
         Returns the Wal, with at least one segment on disk.
         Raises CorruptSegment / UnsupportedFormat naming a segment file that cannot be used,
         StorageIOError / DiskFull for I/O errors.
@@ -89,11 +104,12 @@ class Wal:
             need_new_segment = not ids
             if ids:
                 try:
-                    newest = Segment.open(directory, ids[-1], active=True)
+                    newest = Segment.open(directory, ids[-1], active=True,
+                                          check_every_record=not clean_stop)
                 except UnfinishedSegment as exc:
                     # A crash while the newest segment was being created: it holds no record.
                     log.warning("%s; removing it and starting a fresh segment", exc)
-                    os.unlink(files.segment_path(directory, ids[-1]))
+                    fileio.unlink(files.segment_path(directory, ids[-1]))
                     _unlink_missing_ok(files.index_path(directory, ids[-1]))
                     need_new_segment = True
                 for first_id in ids[:-1]:
@@ -134,8 +150,9 @@ class Wal:
 
     @property
     def needs_sync(self) -> bool:
-        """True when sync() has something to make durable."""
-        return self.synced_next_id < self.next_id or self._dir_dirty
+        """True when sync() has something to make durable, or must probe a FAILED log."""
+        return (self.synced_next_id < self.next_id or self._dir_dirty
+                or self.health is WalHealth.FAILED)
 
     def segments(self) -> list[SegmentInfo]:
         """Returns every segment, oldest first."""
@@ -153,12 +170,15 @@ class Wal:
         """Appends the bodies as consecutive ids stamped `timestamp_ms`, in one write.
 
         Returns (first_id, last_id) of the batch.
-        Raises DiskFull / StorageIOError (nothing of the batch is kept, the Wal stays usable),
-        MessageTooLarge when the batch cannot fit even an empty segment, ValueError when empty.
+        Raises DiskFull / StorageIOError (nothing of the batch is kept, the Wal stays usable;
+        while FAILED this is the probe's error, rule 7), MessageTooLarge when the batch cannot
+        fit even an empty segment, ValueError when empty.
         """
         self._check_open()
         if not bodies:
             raise ValueError("append needs at least one body")
+        if self.health is WalHealth.FAILED:
+            self.sync()
         batch_bytes = len(bodies) * RECORD_HEADER_SIZE + sum(map(len, bodies))
         if SEGMENT_HEADER_SIZE + batch_bytes > MAX_SEGMENT_BYTES:
             raise MessageTooLarge(f"batch of {batch_bytes} bytes exceeds the "
@@ -174,7 +194,15 @@ class Wal:
         try:
             active.append(data, offsets, timestamp_ms)
         except OSError as exc:
-            raise files.storage_error(exc, "append") from exc
+            error = files.storage_error(exc, "append")
+            if not self._append_failing:         # once per episode, not once per push
+                log.error("queue log %s: %s; pushes fail until it is resolved",
+                          self.directory, error)
+                self._append_failing = True
+            raise error from exc
+        if self._append_failing:
+            log.warning("queue log %s: appends work again", self.directory)
+            self._append_failing = False
         self.next_id = first_id + len(bodies)
         return first_id, self.next_id - 1
 
@@ -184,10 +212,13 @@ class Wal:
         Raises DiskFull / StorageIOError with the old segment still active."""
         old = self._segments[-1]
         old_is_empty = old.end_id == old.first_id
-        try:
-            if not old_is_empty:
+        if not old_is_empty:
+            try:
                 old.sync()
-                self.synced_next_id = max(self.synced_next_id, old.end_id)
+            except OSError as exc:
+                raise self._fail(files.storage_error(exc, "sync")) from exc
+            self.synced_next_id = max(self.synced_next_id, old.end_id)
+        try:
             new = Segment.create(self.directory, self.next_id, _now_ms())
         except OSError as exc:
             raise files.storage_error(exc, "start a new segment") from exc
@@ -214,18 +245,33 @@ class Wal:
 
     def sync(self) -> None:
         """fsyncs what was appended since the last sync (segment, index, directory entries).
-        Cheap when there is nothing new. Raises DiskFull / StorageIOError."""
+        Cheap when there is nothing new. On a FAILED log this is the probe: everything is
+        fsynced again and success makes the log OK (rule 7).
+        Raises DiskFull / StorageIOError (the log is then FAILED)."""
         self._check_open()
         if not self.needs_sync:
             return
+        failed = self.health is WalHealth.FAILED
         try:
-            self._segments[-1].sync()
-            if self._dir_dirty:
+            self._segments[-1].sync(force=failed)
+            if self._dir_dirty or failed:
                 files.fsync_directory(self.directory)
                 self._dir_dirty = False
         except OSError as exc:
-            raise files.storage_error(exc, "sync") from exc
+            raise self._fail(files.storage_error(exc, "sync")) from exc
         self.synced_next_id = self.next_id
+        if failed:
+            log.warning("queue log %s: fsync works again; accepting appends (it failed with: "
+                        "%s)", self.directory, self.failure)
+            self.health, self.failure = WalHealth.OK, None
+
+    def _fail(self, error: FlokiError) -> FlokiError:
+        """Makes the log FAILED (rule 7). Returns `error` for the caller to raise."""
+        if self.health is WalHealth.OK:
+            log.error("queue log %s: %s; refusing appends until an fsync succeeds",
+                      self.directory, error)
+        self.health, self.failure = WalHealth.FAILED, error
+        return error
 
     # --- reading ----------------------------------------------------------------------------
 
@@ -333,6 +379,9 @@ class Wal:
         active = self._segments[-1]
         if not (active.end_id == active.first_id == self.next_id):
             try:
+                # Sealed segments are fsynced whole (segment.py rule 7), even one about to go:
+                # a power loss may bring it back if its removal was not yet durable.
+                active.sync()
                 new = Segment.create(self.directory, self.next_id, _now_ms())
             except OSError as exc:
                 raise files.storage_error(exc, "purge") from exc
@@ -384,7 +433,7 @@ class Wal:
 
 def _unlink_missing_ok(path: Path) -> None:
     try:
-        os.unlink(path)
+        fileio.unlink(path)
     except FileNotFoundError:
         pass
 
