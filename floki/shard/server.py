@@ -80,6 +80,7 @@ class ShardServer:
         # parked long polls: queue -> channel -> FIFO of waiters; plus lookup and deadlines
         self.parked: dict[str, dict[str, deque[Parked]]] = {}
         self.parked_by_id: dict[tuple[bytes, int], Parked] = {}
+        self.peer_seen: dict[bytes, float] = {}  # frontend identity -> last message (monotonic)
         self.deadlines: list[tuple[float, int, Parked]] = []
         self._seq = itertools.count()
         now = time.monotonic()
@@ -129,6 +130,7 @@ class ShardServer:
     def handle_frames(self, frames: list[bytes]) -> None:
         """One message from the ROUTER: [identity, request_id, kind, *args]."""
         identity, body = frames[0], frames[1:]
+        self.peer_seen[identity] = time.monotonic()
         try:
             request_id, kind, args = wire.decode_request(body)
         except wire.WireError as exc:
@@ -208,6 +210,7 @@ class ShardServer:
                     queue.maintenance(now, now_ms, False)
                 except Exception:
                     log.exception("queue %r: maintenance failed", queue.name)
+        self._forget_dead_peers(now)
         while self.deadlines and self.deadlines[0][0] <= now:
             _, _, parked = heapq.heappop(self.deadlines)
             if parked.active:
@@ -268,6 +271,11 @@ class ShardServer:
         for channel, waiters in list(by_channel.items()):
             while waiters:
                 parked = waiters[0]
+                if not self._peer_alive(parked.identity, now):
+                    # Its frontend died (no heartbeat): a reply would be dropped with the
+                    # messages in it, leaving them in flight until their timeout.
+                    self._unpark(parked)
+                    continue
                 try:
                     if queue is None or not queue.has_channel(channel):
                         # Deleted while waiting: re-running the get reports QNF/CNF.
@@ -282,6 +290,21 @@ class ShardServer:
                     payload = to_reply(exc)
                 self._unpark(parked)
                 self._send(parked.identity, parked.request_id, wire.RESP, payload)
+
+    def _peer_alive(self, identity: bytes, now: float) -> bool:
+        """True while the frontend `identity` has been heard from (it pings every 0.25 s)."""
+        return now - self.peer_seen.get(identity, now) <= self.config.shard_timeout
+
+    def _forget_dead_peers(self, now: float) -> None:
+        """Drops the parked polls of frontends that stopped pinging, and their bookkeeping."""
+        dead = {identity for identity in self.peer_seen if not self._peer_alive(identity, now)}
+        if not dead:
+            return
+        for parked in [p for p in self.parked_by_id.values() if p.identity in dead]:
+            self._unpark(parked)
+        for identity in dead:
+            del self.peer_seen[identity]
+        log.info("dropped state of %d frontend connection(s) that stopped pinging", len(dead))
 
     def _get_reply(self, request: rq.Get, now: float) -> bytes:
         queue = self.catalog.get(request.queue)

@@ -3,7 +3,7 @@
 The rig is a real Catalog over real queues in tmp_path and a ShardServer whose ROUTER is bound
 to inproc://; the test holds the DEALER end and reads the reply frames the frontend would get.
 Requests go in through `handle_frames` and a loop pass ends with `_finish_pass`, exactly as
-`serve` does; timers run through `_run_timers(now)` with `now` passed in, so nothing sleeps.
+`serve` does; timers run through `rig.timers(now)` with `now` passed in, so nothing sleeps.
 """
 from __future__ import annotations
 
@@ -55,6 +55,13 @@ class Rig:
 
     def finish(self) -> None:
         self.server._finish_pass()
+
+    def timers(self, now: float, heartbeat: bool = True) -> None:
+        """Runs the timers at `now`; the frontend's heartbeat was heard just then unless
+        `heartbeat` is False (a live frontend pings every 0.25 s)."""
+        if heartbeat:
+            self.server.peer_seen[IDENTITY] = now
+        self.server._run_timers(now)
 
     def call(self, *argv: bytes | str) -> tuple[bytes, bytes]:
         """One request in its own pass. Returns (status, payload) of its reply."""
@@ -530,15 +537,15 @@ def test_interval_fsync_runs_on_its_timer_and_a_failure_is_logged_not_fatal(make
     rig.resp("RPUSH", "q", "m")
     queue = rig.catalog.get("q")
     assert queue.needs_sync
-    rig.server._run_timers(time.monotonic())                    # not due yet
+    rig.timers(time.monotonic())                    # not due yet
     assert queue.needs_sync
     fsyncs = FsyncCounter(monkeypatch)
     fsyncs.fail = True
-    rig.server._run_timers(time.monotonic() + 6)                # due, and the fsync fails
+    rig.timers(time.monotonic() + 6)                # due, and the fsync fails
     assert queue.needs_sync
     fsyncs.fail = False
     assert rig.resp("RPUSH", "q", "n") == b":1\r\n"              # still serving
-    rig.server._run_timers(time.monotonic() + 12)
+    rig.timers(time.monotonic() + 12)
     assert not queue.needs_sync and fsyncs.calls > 0
 
 
@@ -584,10 +591,10 @@ def test_a_parked_poll_past_its_deadline_gets_an_empty_array(rig):
     poll = rig.send("HMGET", "q", "c", "1", "0.5")
     rig.finish()
     now = time.monotonic()
-    rig.server._run_timers(now)                  # not yet
+    rig.timers(now)                  # not yet
     rig.finish()
     rig.assert_silent(0)
-    rig.server._run_timers(now + 1.0)
+    rig.timers(now + 1.0)
     rig.finish()
     assert rig.replies(1)[poll] == (wire.RESP, reply.EMPTY_ARRAY)
     assert rig.server.parked_count == 0
@@ -607,7 +614,7 @@ def test_cancel_drops_a_parked_poll_and_the_message_stays_available(rig):
     rig.finish()
     assert list(rig.replies(1)) == [push]          # nothing for the cancelled poll
     assert [m[2] for m in parse(rig.resp("HMGET", "q", "c", "1"))] == [b"m"]
-    rig.server._run_timers(time.monotonic() + 60)  # its deadline passes: still no reply
+    rig.timers(time.monotonic() + 60)  # its deadline passes: still no reply
     rig.finish()
     rig.assert_silent(0)
 
@@ -644,13 +651,25 @@ def test_an_expired_delivery_wakes_a_parked_poll_of_its_channel(make_rig):
     [(message_id, first_ticket, _)] = parse(rig.resp("HMGET", "q", "c", "1"))
     poll = rig.send("HMGET", "q", "c", "1", "60")
     rig.finish()
-    rig.server._run_timers(time.monotonic())      # still in flight: stays parked
+    rig.timers(time.monotonic())      # still in flight: stays parked
     rig.finish()
     rig.assert_silent(0)
-    rig.server._run_timers(time.monotonic() + 5)  # the delivery expired, the poll has not
+    rig.timers(time.monotonic() + 5)  # the delivery expired, the poll has not
     rig.finish()
     [(again_id, ticket, body)] = parse(rig.replies(1)[poll][1])
     assert (again_id, body) == (message_id, b"m") and ticket != first_ticket
+
+
+def test_polls_of_a_frontend_that_stopped_pinging_are_dropped_not_fed(rig):
+    rig.resp("SET", "q", "c")
+    rig.send("HMGET", "q", "c", "10", "60")
+    rig.finish()
+    rig.timers(time.monotonic() + 10, heartbeat=False)   # the frontend died: no pings
+    rig.finish()
+    rig.assert_silent(0)
+    assert rig.server.parked_count == 0
+    rig.resp("RPUSH", "q", "kept")
+    assert [m[2] for m in parse(rig.resp("HMGET", "q", "c", "10"))] == [b"kept"]
 
 
 def test_two_parked_polls_and_one_message_exactly_one_gets_it(rig):
@@ -691,7 +710,7 @@ def test_a_poll_held_by_max_in_flight_is_answered_when_an_ack_makes_room(make_ri
     rig.finish()
     rig.assert_silent(0)
     assert rig.resp("HDEL", "q", "c", str(ticket)) == b":1\r\n"
-    rig.server._run_timers(time.monotonic())          # the loop's next timer pass
+    rig.timers(time.monotonic())          # the loop's next timer pass
     rig.finish()
     assert [m[2] for m in parse(rig.replies(1)[poll][1])] == [b"b"]
 
