@@ -14,6 +14,29 @@ import pytest
 
 from helpers import FlokiServer, free_port
 
+# The soak test (tests/e2e/test_soak.py): its pytest time limit grows with --cycles.
+SOAK_TIMEOUT_BASE_S = 60.0
+SOAK_TIMEOUT_PER_CYCLE_S = 6.0
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("floki soak")
+    group.addoption("--cycles", type=int, default=20,
+                    help="kill cycles of the soak test (tests/e2e/test_soak.py); default 20")
+    group.addoption("--soak-seed", type=int, default=None,
+                    help="seed of the soak test's random kills and workload (default: random, "
+                         "printed by the test)")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Gives each soak test a time limit for the --cycles it will run (longer runs need more
+    than the ini-wide pytest-timeout limit)."""
+    cycles = config.getoption("--cycles")
+    for item in items:
+        if "soak_cycles" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.timeout(
+                SOAK_TIMEOUT_BASE_S + SOAK_TIMEOUT_PER_CYCLE_S * max(cycles, 1)))
+
 
 @pytest.fixture
 def floki_server(tmp_path: Path, request: pytest.FixtureRequest):
