@@ -23,7 +23,9 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 bench: $(STAMP)
-	@echo "make bench: not yet (the benchmark issue adds bench/)"
+	@$(BIN)/python -c "import matplotlib, tqdm" 2>/dev/null || $(BIN)/pip install --quiet -e '.[test,bench]' \
+		|| echo "make bench: the bench extras did not install; running without chart and tqdm"
+	$(BIN)/python -m bench.run $(ARGS)
 
 clean:
 	rm -rf $(VENV) data .pytest_cache

@@ -1,0 +1,1 @@
+"""Benchmark runner for Floki against Redis Streams (`make bench`, `python -m bench.run`)."""
