@@ -1,18 +1,24 @@
-"""The frontend <-> shard message format over ZeroMQ multipart frames (sans-I/O).
+"""The frontend <-> shard message format over ZeroMQ (sans-I/O).
 
 Owns: how requests and replies are framed between processes. Not pickle: shards may be remote
 (tcp://) and unpickling network input runs code.
 
-Request  (frontend DEALER -> shard ROUTER):  [request_id, kind, *args]
-  kind COMMAND: args = the client's argv, verbatim (argv[0] the command name); the shard parses it
-                with floki.commands.parse, so bodies travel as the bytes hiredis produced.
-  kind CANCEL:  args = [] ; the client that sent request_id has gone: drop its parked long poll.
-  kind PING:    args = [] ; heartbeat, answered with PONG.
-Reply    (shard -> frontend):                [request_id, status, payload]
+Request  (frontend DEALER -> shard ROUTER): ONE frame
+  header: request_id u64 big-endian, kind 1 byte
+  then for kind COMMAND: argc u32 little-endian, argc lengths u32 little-endian, the args
+  concatenated (argv[0] the command name, args as the client sent them). One frame per request
+  because ZeroMQ and pyzmq cost per frame: an RPUSH of 100 messages as 102 frames spent most of
+  the frontend's and the shard's time in framing.
+  kind COMMAND: the shard parses argv with floki.commands.parse (it trusts no frontend).
+  kind CANCEL:  no args; the client that sent request_id has gone: drop its parked long poll.
+  kind PING:    no args; heartbeat, answered with PONG.
+Reply    (shard -> frontend): TWO frames [header, payload]
+  header: request_id u64 big-endian, status 1 byte; payload separate so large bodies are
+  never copied into a header buffer.
   status RESP:  payload is a complete RESP reply (also errors), sent to the client as is.
   status JSON:  payload is a JSON object, part of a fanned-out answer the frontend merges.
   status PONG:  payload is the shard's JSON status (index, pid, queue count).
-request_id is 8 bytes, big-endian unsigned; ids are the frontend's own business.
+request_id values are the frontend's own business.
 """
 from __future__ import annotations
 
@@ -27,7 +33,9 @@ PONG = b"O"
 
 _REQUEST_KINDS = (COMMAND, CANCEL, PING)
 _REPLY_STATUSES = (RESP, JSON, PONG)
-_ID = struct.Struct(">Q")
+_HEADER = struct.Struct(">Qc")
+_COUNT = struct.Struct("<I")
+MAX_ARGS = 1 << 24
 
 
 class WireError(ValueError):
@@ -35,24 +43,51 @@ class WireError(ValueError):
 
 
 def encode_request(request_id: int, kind: bytes, args: list[bytes] | tuple = ()) -> list[bytes]:
-    return [_ID.pack(request_id), kind, *args]
+    """Returns the frames of one request (a single frame)."""
+    header = _HEADER.pack(request_id, kind)
+    if kind != COMMAND:
+        return [header]
+    count = len(args)
+    return [header + struct.pack(f"<I{count}I", count, *map(len, args)) + b"".join(args)]
 
 
 def decode_request(frames: list[bytes]) -> tuple[int, bytes, list[bytes]]:
     """Returns (request_id, kind, args). Raises WireError."""
-    if len(frames) < 2 or len(frames[0]) != 8 or frames[1] not in _REQUEST_KINDS:
+    if len(frames) != 1 or len(frames[0]) < _HEADER.size:
         raise WireError("malformed request")
-    if frames[1] == COMMAND and len(frames) < 3:
+    frame = frames[0]
+    request_id, kind = _HEADER.unpack_from(frame)
+    if kind not in _REQUEST_KINDS:
+        raise WireError("unknown request kind")
+    if kind != COMMAND:
+        return request_id, kind, []
+    end = len(frame)
+    if end < _HEADER.size + 4:
         raise WireError("command request without argv")
-    return _ID.unpack(frames[0])[0], frames[1], frames[2:]
+    (count,) = _COUNT.unpack_from(frame, _HEADER.size)
+    position = _HEADER.size + 4 + 4 * count
+    if not 0 < count <= MAX_ARGS or position > end:
+        raise WireError("bad argument count")
+    args = []
+    append = args.append
+    for length in struct.unpack_from(f"<{count}I", frame, _HEADER.size + 4):
+        stop = position + length
+        append(frame[position:stop])
+        position = stop
+    if position != end:
+        raise WireError("argument lengths do not match the frame")
+    return request_id, kind, args
 
 
 def encode_reply(request_id: int, status: bytes, payload: bytes) -> list[bytes]:
-    return [_ID.pack(request_id), status, payload]
+    return [_HEADER.pack(request_id, status), payload]
 
 
 def decode_reply(frames: list[bytes]) -> tuple[int, bytes, bytes]:
     """Returns (request_id, status, payload). Raises WireError."""
-    if len(frames) != 3 or len(frames[0]) != 8 or frames[1] not in _REPLY_STATUSES:
+    if len(frames) != 2 or len(frames[0]) != _HEADER.size:
         raise WireError("malformed reply")
-    return _ID.unpack(frames[0])[0], frames[1], frames[2]
+    request_id, status = _HEADER.unpack(frames[0])
+    if status not in _REPLY_STATUSES:
+        raise WireError("unknown reply status")
+    return request_id, status, frames[1]

@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 
 MAX_BATCH = 4096            # requests taken from the socket per loop pass
 MAX_POLL_S = 0.1            # the loop wakes at least this often (signals, parked polls)
+MAX_PASS_S = 0.05           # work per pass before replies are sent (see _take_batch)
 # Stale deadline entries (answered or cancelled polls) tolerated beyond twice the parked ones
 DEADLINE_SLACK = 64
 # What a failed Queue.sync raises: the OSError arrives wrapped as a client-visible error.
@@ -120,12 +121,18 @@ class ShardServer:
         return max(0, int((wake - now) * 1000) + 1)
 
     def _take_batch(self) -> None:
+        # A pass ends after MAX_BATCH requests or MAX_PASS_S of work, whichever comes first, so
+        # replies (and heartbeat PONGs) go out promptly even under a burst of slow commands
+        # (e.g. hundreds of queue creations, each fsyncing its files).
+        deadline = time.monotonic() + MAX_PASS_S
         for _ in range(MAX_BATCH):
             try:
                 frames = self.socket.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 return
             self.handle_frames(frames)
+            if time.monotonic() > deadline:
+                return
 
     def handle_frames(self, frames: list[bytes]) -> None:
         """One message from the ROUTER: [identity, request_id, kind, *args]."""

@@ -14,15 +14,33 @@ def test_reply_round_trip():
     assert wire.decode_reply(frames) == (7, wire.JSON, b"{}")
 
 
-@pytest.mark.parametrize("frames", [[], [b"1234567"], [b"12345678", b"?"],
-                                    [b"12345678", wire.COMMAND]])
+def _command(argv_bytes: bytes) -> list[bytes]:
+    return [wire.encode_request(1, wire.PING)[0][:8] + wire.COMMAND + argv_bytes]
+
+
+@pytest.mark.parametrize("frames", [
+    [], [b"1234567"], [b"12345678?"], [b"12345678C"],
+    wire.encode_request(1, wire.PING) * 2,
+    _command(b"\x00\x00\x00\x00"),                         # zero args
+    _command(b"\x01\x00\x00\x00"),                         # lengths missing
+    _command(b"\x01\x00\x00\x00\x05\x00\x00\x00abc"),       # shorter than its length says
+    _command(b"\x01\x00\x00\x00\x01\x00\x00\x00abc"),       # trailing bytes
+    _command(b"\xff\xff\xff\xff"),                         # absurd count
+])
 def test_malformed_requests_raise_wire_error(frames):
     with pytest.raises(wire.WireError):
         wire.decode_request(frames)
 
 
-@pytest.mark.parametrize("frames", [[b"12345678", wire.RESP], [b"1", wire.RESP, b""],
-                                    [b"12345678", b"?", b""]])
+def test_request_is_one_frame_and_empty_args_survive():
+    frames = wire.encode_request(5, wire.COMMAND, [b"PING", b""])
+    assert len(frames) == 1
+    assert wire.decode_request(frames) == (5, wire.COMMAND, [b"PING", b""])
+    assert wire.decode_request(wire.encode_request(6, wire.CANCEL)) == (6, wire.CANCEL, [])
+
+
+@pytest.mark.parametrize("frames", [[b"12345678R"], [b"1", b""], [b"12345678?", b""],
+                                    [b"12345678R", b"", b""]])
 def test_malformed_replies_raise_wire_error(frames):
     with pytest.raises(wire.WireError):
         wire.decode_reply(frames)
