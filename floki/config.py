@@ -94,6 +94,14 @@ def _parse_str(key: str, value: Any) -> str:
     return value
 
 
+def _parse_bool(key: str, value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in ("true", "yes", "false", "no"):
+        return value.strip().lower() in ("true", "yes")
+    raise ConfigError(key, value, "true or false")
+
+
 def _parse_hostport(key: str, value: Any) -> str:
     if not isinstance(value, str) or ":" not in value:
         raise ConfigError(key, value, "HOST:PORT (e.g. \"127.0.0.1:9797\")")
@@ -164,6 +172,7 @@ class ServerConfig:
     data_dir: str = "./data"
     shards: int = 0                      # 0 = one per CPU
     log_level: str = "info"
+    log_format: str = "text"             # text: one readable line per record; json: one object
     fsync: str = "interval"
     fsync_interval: float = 1.0
     maintenance_interval: float = 1.0
@@ -171,6 +180,19 @@ class ServerConfig:
     max_message_size: int = 8 * 1024**2
     max_get_count: int = 10_000
     shard_timeout: float = 2.0           # a shard silent this long is treated as down
+    # Client limits, enforced by the frontend from a request's headers, before its bytes are held.
+    max_bulk_len: int = 512 * 1024**2    # a longer bulk: protocol error, connection closed
+    max_args: int = 1024 * 1024          # arguments per command (the multibulk length)
+    max_output_buffer: int = 256 * 1024**2   # unread replies above this: disconnect; 0 = no cap
+    timeout: float = 0.0                 # close a client idle this long; 0 = never
+    # Access: password, protected mode, TLS (enforced by the frontend; shards trust it).
+    requirepass: str = ""                # "" = no password
+    protected_mode: bool = True          # no password: refuse clients not on the loopback
+    tls_port: int = 0                    # 0 = no TLS listener
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
+    tls_ca_cert_file: str = ""           # CA that signs client certificates
+    tls_auth_clients: str = "no"         # no | optional | yes: ask clients for a certificate
     queue: QueueSettings = field(default_factory=QueueSettings)
     # [[shard]] endpoint = "tcp://HOST:PORT" tables: explicit shard endpoints (their count is the
     # shard count); empty: one ipc:// socket per shard under <data_dir>/.run
@@ -203,6 +225,7 @@ SERVER_KEYS: dict[str, Callable[[str, Any], Any]] = {
     "data_dir": _parse_str,
     "shards": _parse_int(0, 256),
     "log_level": _parse_choice("debug", "info", "warning", "error"),
+    "log_format": _parse_choice("text", "json"),
     "fsync": _parse_choice(*FSYNC_MODES),
     "fsync_interval": lambda k, v: _check_min(k, v, parse_duration(k, v), 0.001,
                                               "a duration >= 1ms"),
@@ -213,6 +236,17 @@ SERVER_KEYS: dict[str, Callable[[str, Any], Any]] = {
     "max_get_count": _parse_int(1, 1_000_000),
     "shard_timeout": lambda k, v: _check_min(k, v, parse_duration(k, v), 0.1,
                                              "a duration >= 100ms"),
+    "max_bulk_len": lambda k, v: _check_min(k, v, parse_size(k, v), 1024, "a size >= 1kb"),
+    "max_args": _parse_int(8, 2**31 - 1),
+    "max_output_buffer": parse_size,
+    "timeout": parse_duration,
+    "requirepass": _parse_str,
+    "protected_mode": _parse_bool,
+    "tls_port": _parse_int(0, 65535),
+    "tls_cert_file": _parse_str,
+    "tls_key_file": _parse_str,
+    "tls_ca_cert_file": _parse_str,
+    "tls_auth_clients": _parse_choice("no", "optional", "yes"),
 }
 
 
@@ -240,6 +274,15 @@ def config_from_dict(data: dict[str, Any]) -> ServerConfig:
 
 
 _ENDPOINT = re.compile(r"^(tcp://[^\s:]+:\d{1,5}|ipc://\S+)$")
+
+
+def parse_endpoint(key: str, value: Any) -> str:
+    """Returns `value` if it is a ZeroMQ endpoint a shard can bind or a frontend can connect
+    to: tcp://HOST:PORT (HOST may be a name or `*`/0.0.0.0 to bind every interface) or
+    ipc://PATH. Raises ConfigError."""
+    if not isinstance(value, str) or not _ENDPOINT.match(value):
+        raise ConfigError(key, value, "tcp://HOST:PORT (or ipc://PATH)")
+    return value
 
 
 def _parse_shard_tables(body: Any) -> tuple[str, ...]:

@@ -102,6 +102,22 @@ class TooManyClients(FlokiError):
     default = "max number of clients reached"
 
 
+class Denied(FlokiError):
+    """Protected mode: no password is set and the client is not on the loopback interface."""
+    prefix = "DENIED"
+    fatal = True
+    default = (
+        "Floki is running in protected mode because protected mode is enabled and no password "
+        "is set for the default user. In this mode connections are only accepted from the "
+        "loopback interface. If you want to connect from external computers to Floki you may "
+        "adopt one of the following solutions: 1) Set a password: requirepass = \"...\" in the "
+        "[server] table of floki.toml, then restart the server. 2) Disable protected mode: "
+        "protected_mode = false in floki.toml, then restart the server; MAKE SURE Floki is not "
+        "publicly accessible from internet if you do so. 3) Bind to a loopback address only "
+        "(bind = \"127.0.0.1:9797\"). NOTE: You only need to do one of the above things in "
+        "order for the server to start accepting connections from the outside.")
+
+
 class NoProto(FlokiError):
     prefix, default = "NOPROTO", "unsupported protocol version"
 

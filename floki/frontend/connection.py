@@ -16,9 +16,18 @@ Rules:
      `_fail` is the one place an exception becomes a reply.
   4. Flow control: reading pauses while more than HIGH_WATER_SLOTS replies are outstanding or
      the transport's write buffer is full, and resumes below LOW_WATER_SLOTS. A client whose
-     unread replies pass MAX_OUTPUT_BUFFER_BYTES is disconnected.
+     unread replies pass `max_output_buffer` is disconnected.
   5. A client that goes away cancels its requests still at the shards (a parked long poll must
      not take messages nobody will read).
+  6. Access (floki/frontend/access.py): one client more than max_connections gets `-ERR max
+     number of clients reached`, a client refused by protected mode `-DENIED ...`; both are
+     closed at once. With a password, every command but AUTH, HELLO and QUIT gets `-NOAUTH`
+     until the session authenticates, and the reader holds Redis's pre-auth limits till then.
+     The check is made once per read (which executor runs the batch), never per command.
+  7. Idle clients (`timeout`): a sweep every fraction of the timeout closes a connection that
+     read no complete command, owes no reply and wrote no byte since the last sweeps for
+     `timeout` seconds. Bytes that never make a command do not count (a slowloris client
+     is idle). The per-read cost is one flag; the sweep runs only when a timeout is set.
 """
 from __future__ import annotations
 
@@ -36,11 +45,11 @@ from floki import __version__, wire
 from floki.reply import EMPTY_ARRAY
 from floki.commands import Limits, parse
 from floki.config import ConfigError, ServerConfig
-from floki.errors import (FlokiError, InternalError, InvalidParameter, ProtocolError,
-                          TooManyClients, is_fatal, to_reply)
-from floki.frontend import fanout
+from floki.errors import (Denied, FlokiError, InternalError, InvalidParameter, NoAuth,
+                          ProtocolError, TooManyClients, is_fatal, to_reply)
+from floki.frontend import access, fanout
 from floki.frontend.handlers import Session, answer
-from floki.frontend.resp import RequestReader
+from floki.frontend.resp import FrameLimits, RequestReader
 from floki.requests import FANOUT_REQUESTS
 from floki.routing import shard_for
 
@@ -49,9 +58,9 @@ log = logging.getLogger(__name__)
 HIGH_WATER_SLOTS = 1024
 LOW_WATER_SLOTS = 512
 WRITE_BUFFER_HIGH_BYTES = 4 * 1024**2       # transport's pause_writing threshold
-MAX_OUTPUT_BUFFER_BYTES = 256 * 1024**2     # unread replies above this: disconnect (rule 4)
 
 _FANOUT_TYPES = frozenset(FANOUT_REQUESTS)
+_BEFORE_AUTH_COMMANDS = frozenset({b"AUTH", b"HELLO", b"QUIT"})    # rule 6
 
 
 class Frontend:
@@ -60,6 +69,16 @@ class Frontend:
     def __init__(self, config: ServerConfig, router: Any, loop: asyncio.AbstractEventLoop):
         self.config = config
         self.limits = Limits(config.max_message_size, config.max_get_count)
+        # Shared by every connection's reader, so CONFIG SET holds from the next read.
+        self.frame_limits = FrameLimits(max_bulk_bytes=config.max_bulk_len,
+                                        max_multibulk_length=config.max_args,
+                                        max_message_bytes=config.max_message_size)
+        self.password = access.Password(config.requirepass) if config.requirepass else None
+        self.before_auth_limits = FrameLimits.before_auth_of(self.frame_limits)
+        self.protected = access.protected_mode_applies(config, access.bind_host(config.bind))
+        self.max_output_bytes = config.max_output_buffer     # 0: no cap
+        self.idle_timeout_s = config.timeout                 # 0: never
+        self.denied_count = 0                                # clients refused by protected mode
         self.router = router                 # router.Router, or a stand-in in tests
         self.loop = loop
         self.shard_count = router.shard_count
@@ -69,6 +88,12 @@ class Frontend:
 
     def next_client_id(self) -> int:
         return next(self._client_ids)
+
+    def sweep_idle(self, now_s: float) -> None:
+        """Closes the connections idle for `timeout` seconds at `now_s` (rule 7)."""
+        timeout_s = self.idle_timeout_s
+        for conn in list(self.connections):
+            conn.check_idle(now_s, timeout_s)
 
     def status(self) -> dict[str, Any]:
         """Returns the frontend's own part of INFO server."""
@@ -87,6 +112,7 @@ class Frontend:
             raise InvalidParameter(f"Invalid CONFIG SET parameter: {exc}") from None
         self.config = config
         self.limits = Limits(config.max_message_size, config.max_get_count)
+        self.frame_limits.set_max_message_bytes(config.max_message_size)
         if key == "log_level":
             logging.getLogger().setLevel(config.log_level.upper())
 
@@ -140,7 +166,8 @@ class Connection(asyncio.Protocol):
         self._router = frontend.router
         self._loop = frontend.loop
         self._transport: asyncio.Transport | None = None
-        self._reader = RequestReader()
+        self._reader = RequestReader(frontend.frame_limits if frontend.password is None
+                                     else frontend.before_auth_limits)    # rule 6
         self._slots: deque[_Slot] = deque()
         self.session: Session | None = None
         self._closing = False          # QUIT, fatal error, EOF or shutdown: read no commands
@@ -149,6 +176,9 @@ class Connection(asyncio.Protocol):
         self._writing_paused = False
         self._flush_scheduled = False
         self._in_batch = False         # inside data_received: it flushes at its end
+        self._active = True            # a command was read since the last idle sweep (rule 7)
+        self._idle_since_s = 0.0
+        self._output_seen = 0          # write buffer size at the last idle sweep
 
     # --- asyncio.Protocol ---------------------------------------------------------------------
 
@@ -157,6 +187,17 @@ class Connection(asyncio.Protocol):
         frontend = self._frontend
         if len(frontend.connections) >= frontend.config.max_connections:
             transport.write(to_reply(TooManyClients()))
+            transport.close()
+            self._closing = True
+            return
+        if frontend.protected and not access.peer_is_loopback(
+                transport.get_extra_info("peername")):
+            frontend.denied_count += 1
+            log.log(logging.WARNING if frontend.denied_count == 1 else logging.DEBUG,
+                    "protected mode: refused %s (not loopback, no password set; further "
+                    "refusals are logged at debug level)",
+                    _address(transport.get_extra_info("peername")))
+            transport.write(to_reply(Denied()))
             transport.close()
             self._closing = True
             return
@@ -170,7 +211,8 @@ class Connection(asyncio.Protocol):
         transport.set_write_buffer_limits(high=WRITE_BUFFER_HIGH_BYTES)
         self.session = Session(frontend.next_client_id(),
                                _address(transport.get_extra_info("peername")),
-                               _address(transport.get_extra_info("sockname")))
+                               _address(transport.get_extra_info("sockname")),
+                               password=frontend.password)
 
     def data_received(self, data: bytes) -> None:
         if self._closing:
@@ -189,7 +231,9 @@ class Connection(asyncio.Protocol):
                     break
                 if not batch:
                     break
-                execute = self._execute
+                self._active = True
+                execute = (self._execute if self.session.authenticated
+                           else self._execute_before_auth)
                 for argv in batch:
                     execute(argv)
                     if self._closing:
@@ -240,10 +284,12 @@ class Connection(asyncio.Protocol):
 
     # --- commands -------------------------------------------------------------------------------
 
-    def _execute(self, argv: list[bytes]) -> None:
+    def _execute(self, argv: list[bytes] | FlokiError) -> None:
         slot = _Slot(self)
         self._slots.append(slot)
         try:
+            if argv.__class__ is not list:
+                raise argv                 # refused by the reader (an oversized argument)
             request = parse(argv, self._frontend.limits)
             queue = getattr(request, "queue", None)
             if queue is not None:
@@ -258,6 +304,21 @@ class Connection(asyncio.Protocol):
                     slot.close = self._closing = True
         except Exception as exc:
             self._fail(slot, exc, argv)
+
+    def _execute_before_auth(self, argv: list[bytes] | FlokiError) -> None:
+        """Runs AUTH, HELLO and QUIT; anything else gets NOAUTH until authenticated (rule 6)."""
+        session = self.session
+        if session.authenticated:          # the rest of the batch that authenticated
+            self._execute(argv)
+            return
+        if argv.__class__ is not list or argv[0].upper() not in _BEFORE_AUTH_COMMANDS:
+            slot = _Slot(self)
+            self._slots.append(slot)
+            self._fail(slot, NoAuth())
+            return
+        self._execute(argv)
+        if session.authenticated:
+            self._reader.set_limits(self._frontend.frame_limits)
 
     def _fan_out(self, slot: _Slot, request: object, argv: list[bytes]) -> None:
         count = self._frontend.shard_count
@@ -312,9 +373,12 @@ class Connection(asyncio.Protocol):
             if close:
                 self._close(transport)
                 return
-            if transport.get_write_buffer_size() > MAX_OUTPUT_BUFFER_BYTES:
-                log.warning("client %d does not read its replies (%d bytes queued): closing",
-                            self.session.client_id, transport.get_write_buffer_size())
+            limit = self._frontend.max_output_bytes
+            if limit and transport.get_write_buffer_size() > limit:
+                log.warning("client %d does not read its replies (%d bytes queued, "
+                            "max_output_buffer is %d): closing", self.session.client_id,
+                            transport.get_write_buffer_size(), limit)
+                self._closing = True
                 transport.abort()
                 return
         if self._close_when_idle and not slots:
@@ -339,6 +403,24 @@ class Connection(asyncio.Protocol):
         elif self._reading_paused and outstanding <= LOW_WATER_SLOTS:
             self._reading_paused = False
             transport.resume_reading()
+
+    # --- idle clients ----------------------------------------------------------------------------
+
+    def check_idle(self, now_s: float, timeout_s: float) -> None:
+        """Closes the connection if it has been idle for `timeout_s` at `now_s` (rule 7)."""
+        transport = self._transport
+        if transport is None:
+            return
+        queued = transport.get_write_buffer_size()
+        if self._active or self._slots or (queued and queued != self._output_seen):
+            self._active = False
+            self._idle_since_s = now_s
+            self._output_seen = queued
+        elif now_s - self._idle_since_s >= timeout_s:
+            log.debug("client %d idle for %.1f s (timeout): closing", self.session.client_id,
+                      now_s - self._idle_since_s)
+            self._closing = True
+            transport.abort()          # unsent replies cannot be flushed to a silent client
 
     # --- graceful stop ---------------------------------------------------------------------------
 

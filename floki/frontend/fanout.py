@@ -10,6 +10,7 @@ Rules:
      format); plain `INFO` is a bulk of `key:value` lines, because redis-cli insists on one.
   4. CONFIG SET takes effect on the frontend (`frontend.apply_config`) only after every shard
      accepted it, so all processes keep the same configuration.
+  5. CONFIG GET server never shows a secret (`requirepass`): a set one reads as SECRET_MASK.
 """
 from __future__ import annotations
 
@@ -22,6 +23,8 @@ from floki.errors import QueueNotFound
 from floki.frontend.resp import OK, encode_verbatim
 
 Part = tuple[bytes, bytes]
+SECRET_KEYS = ("requirepass",)
+SECRET_MASK = "********"
 
 
 class FrontendFacts(Protocol):
@@ -98,7 +101,11 @@ def _config_get_server(request: rq.ConfigGetServer, parts: list[Part], frontend:
     # Every shard runs the same configuration; the first one to answer speaks for all.
     for status, payload in parts:
         if status == wire.JSON:
-            return _json_reply(_objects([(status, payload)])[0])
+            config = _objects([(status, payload)])[0]
+            for key in SECRET_KEYS:
+                if config.get(key):
+                    config[key] = SECRET_MASK
+            return _json_reply(config)
     return parts[0][1]
 
 

@@ -8,6 +8,9 @@ Rules:
      does, down to the error text. No shard is ever asked.
   2. A handler returns the reply bytes or raises a FlokiError; it never writes to a socket.
   3. HELLO switches the protocol of the replies that follow it, its own included.
+  4. With a password configured a session starts unauthenticated; AUTH and HELLO ... AUTH
+     authenticate it (access.Password: constant time). The connection keeps every other command
+     from running until then; HELLO itself refuses to run unauthenticated without its AUTH.
 """
 from __future__ import annotations
 
@@ -17,13 +20,17 @@ from typing import Callable
 from floki import __version__
 from floki import requests as rq
 from floki.commands import COMMANDS
-from floki.errors import (AuthNotConfigured, CommandSyntaxError, DbIndexOutOfRange, NoProto,
-                          UnknownSubcommand, WrongArity)
+from floki.errors import (AuthNotConfigured, CommandSyntaxError, DbIndexOutOfRange, NoAuth,
+                          NoProto, UnknownSubcommand, WrongArity, WrongPass)
+from floki.frontend.access import DEFAULT_USER, Password
 from floki.frontend.resp import (OK, PONG, encode_array, encode_bulk, encode_integer, encode_map,
                                  encode_null, encode_verbatim)
 
 SERVER_NAME = "floki"
 SUPPORTED_PROTOCOLS = (2, 3)
+HELLO_NOAUTH = ("HELLO must be called with the client already authenticated, otherwise the "
+                "HELLO <proto> AUTH <user> <pass> option can be used to authenticate the client "
+                "and select the RESP protocol version at the same time")
 
 CLIENT_HELP = (
     "CLIENT <subcommand> [<arg> [value] [opt] ...]. Subcommands are:",
@@ -49,10 +56,10 @@ class Session:
     """One client connection's state, as CLIENT and HELLO read and change it."""
 
     __slots__ = ("client_id", "protover", "name", "lib_name", "lib_ver", "peer", "local",
-                 "created_s", "quit")
+                 "created_s", "quit", "password", "authenticated")
 
     def __init__(self, client_id: int, peer: str = "", local: str = "",
-                 created_s: float | None = None):
+                 created_s: float | None = None, password: Password | None = None):
         self.client_id = client_id
         self.protover = 2            # RESP2 until HELLO 3
         self.name = ""               # CLIENT SETNAME / HELLO SETNAME; "" = none
@@ -62,6 +69,8 @@ class Session:
         self.local = local           # "ip:port" it connected to
         self.created_s = time.monotonic() if created_s is None else created_s
         self.quit = False            # QUIT seen: close after its +OK
+        self.password = password     # the server's requirepass; None: no password (rule 4)
+        self.authenticated = password is None
 
 
 def answer(request: object, session: Session) -> bytes:
@@ -92,15 +101,28 @@ def _select(request: rq.Select, session: Session) -> bytes:
 
 
 def _auth(request: rq.Auth, session: Session) -> bytes:
-    # No password can be configured yet, so every AUTH gets Redis's answer for that case.
-    raise AuthNotConfigured()
+    if session.password is None:
+        raise AuthNotConfigured()
+    if not session.password.matches(request.username, request.password):
+        raise WrongPass()
+    session.authenticated = True
+    return OK
 
 
 def _hello(request: rq.Hello, session: Session) -> bytes:
     protover = session.protover if request.protover is None else request.protover
     if protover not in SUPPORTED_PROTOCOLS:
         raise NoProto()
-    # HELLO ... AUTH u p: accepted, as Redis accepts any password for a user without one.
+    if request.auth is not None:
+        username, secret = request.auth
+        if session.password is not None:
+            if not session.password.matches(username, secret):
+                raise WrongPass()
+            session.authenticated = True
+        elif username != DEFAULT_USER:
+            raise WrongPass()           # no password: any password of the default user passes
+    elif not session.authenticated:
+        raise NoAuth(HELLO_NOAUTH)
     if request.setname is not None:
         session.name = _checked_name(request.setname, "Client names")
     session.protover = protover

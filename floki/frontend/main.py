@@ -13,6 +13,11 @@ Rules:
      stray frontend keeps the port.
   4. The listener refuses nothing itself: a client above max_connections is accepted, told
      `-ERR max number of clients reached` and closed (Connection.connection_made).
+  5. With `tls_port`, a second listener on the same host speaks TLS (access.tls_context); a TLS
+     setting that cannot be used is a boot error (exit 3), never a server without TLS. Both
+     listeners share the connections, their limit and every other rule.
+  6. With `timeout`, Frontend.sweep_idle runs IDLE_SWEEPS_PER_TIMEOUT times per timeout (at most
+     every IDLE_SWEEP_MAX_S), so an idle client is closed within a sweep of its deadline.
 """
 from __future__ import annotations
 
@@ -22,7 +27,8 @@ import logging
 import os
 import signal
 
-from floki.config import ServerConfig, shard_endpoint
+from floki.config import ConfigError, ServerConfig, shard_endpoint
+from floki.frontend import access
 from floki.frontend.connection import Connection, Frontend
 from floki.frontend.router import Router, ShardState
 from floki.supervisor import ExitCode
@@ -38,6 +44,10 @@ GRACE_S = 5.0                 # how long a graceful stop waits for outstanding r
 PARENT_CHECK_INTERVAL_S = 1.0
 LISTEN_BACKLOG = 1024
 _STOP_POLL_S = 0.02
+TLS_HANDSHAKE_TIMEOUT_S = 10.0   # a client that never finishes its handshake holds no socket
+IDLE_SWEEPS_PER_TIMEOUT = 4
+IDLE_SWEEP_MAX_S = 1.0
+IDLE_SWEEP_MIN_S = 0.01
 
 
 def run(config: ServerConfig) -> int:
@@ -49,9 +59,7 @@ def run(config: ServerConfig) -> int:
 
 def parse_bind(bind: str) -> tuple[str | None, int]:
     """Returns (host, port) for a `HOST:PORT` bind address (host None: every interface)."""
-    host, _, port = bind.rpartition(":")
-    host = host.strip("[]")
-    return (None if host in ("", "*") else host), int(port)
+    return access.bind_host(bind), int(bind.rpartition(":")[2])
 
 
 class _Stopper:
@@ -89,6 +97,13 @@ async def serve(config: ServerConfig, ready: asyncio.Future | None = None) -> in
     `ready`, if given, receives the listening (host, port) once clients can connect.
     """
     loop = asyncio.get_running_loop()
+    tls = None
+    if config.tls_port:
+        try:
+            tls = access.tls_context(config)
+        except ConfigError as exc:
+            log.error("cannot serve TLS: %s", exc)
+            return ExitCode.BOOT_ERROR
     stopper = _Stopper(loop)
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stopper.request, signal.Signals(signum).name)
@@ -97,7 +112,14 @@ async def serve(config: ServerConfig, ready: asyncio.Future | None = None) -> in
                     config.shard_timeout)
     router.start(loop)
     frontend = Frontend(config, router, loop)
-    server: asyncio.Server | None = None
+    servers: list[asyncio.Server] = []
+    sweeper: asyncio.TimerHandle | None = None
+
+    def sweep_idle(interval_s: float) -> None:
+        nonlocal sweeper
+        frontend.sweep_idle(loop.time())
+        sweeper = loop.call_later(interval_s, sweep_idle, interval_s)
+
     try:
         # Rule 1: wait for the shards (or a stop request), but not for ever.
         waiting = asyncio.ensure_future(router.wait_up(config.shard_timeout))
@@ -113,28 +135,44 @@ async def serve(config: ServerConfig, ready: asyncio.Future | None = None) -> in
                         "until they do", down)
 
         host, port = parse_bind(config.bind)
-        try:
-            server = await loop.create_server(lambda: Connection(frontend), host, port,
-                                              backlog=LISTEN_BACKLOG, reuse_address=True)
-        except OSError as exc:
-            log.error("cannot listen on %s: %s", config.bind, exc)
-            # A port still held by a dying predecessor may come free: worth a restart. A bad
-            # address will not.
-            return ExitCode.FATAL if exc.errno == errno.EADDRINUSE else ExitCode.BOOT_ERROR
-        address = server.sockets[0].getsockname()
-        log.info("listening on %s:%d (%d shards, max %d clients)", address[0], address[1],
-                 router.shard_count, config.max_connections)
+        listeners = [(port, None)] + ([(config.tls_port, tls)] if tls is not None else [])
+        for listen_port, context in listeners:
+            extra = {} if context is None else {"ssl": context,
+                                                "ssl_handshake_timeout": TLS_HANDSHAKE_TIMEOUT_S}
+            try:
+                servers.append(await loop.create_server(
+                    lambda: Connection(frontend), host, listen_port, backlog=LISTEN_BACKLOG,
+                    reuse_address=True, **extra))
+            except OSError as exc:
+                log.error("cannot listen on %s:%d%s: %s", host or "*", listen_port,
+                          " (TLS)" if context else "", exc)
+                # A port still held by a dying predecessor may come free: worth a restart. A
+                # bad address will not.
+                return ExitCode.FATAL if exc.errno == errno.EADDRINUSE else ExitCode.BOOT_ERROR
+        address = servers[0].sockets[0].getsockname()
+        log.info("listening on %s:%d%s (%d shards, max %d clients%s%s)", address[0], address[1],
+                 f", TLS on port {config.tls_port}" if tls is not None else "",
+                 router.shard_count, config.max_connections,
+                 ", password required" if config.requirepass else "",
+                 ", protected mode" if frontend.protected else "")
+        if config.timeout > 0:
+            interval_s = min(max(config.timeout / IDLE_SWEEPS_PER_TIMEOUT, IDLE_SWEEP_MIN_S),
+                             IDLE_SWEEP_MAX_S)
+            sweep_idle(interval_s)
         if ready is not None and not ready.done():
             ready.set_result((address[0], address[1]))
 
         await stopper.should_exit.wait()
-        server.close()                                      # accept no one else
+        for server in servers:
+            server.close()                                  # accept no one else
         forced = await _drain_connections(loop, frontend, stopper)
         log.info("frontend stopped%s", " (forced)" if forced else "")
         return ExitCode.FATAL if forced else ExitCode.OK
     finally:
         stopper.close()
-        if server is not None:
+        if sweeper is not None:
+            sweeper.cancel()
+        for server in servers:
             server.close()
         for conn in list(frontend.connections):
             conn.abort()

@@ -1,12 +1,16 @@
 """RESP, sans-I/O: request bytes in, argv lists out; reply values in, bytes out.
 
-Owns: framing of client requests (RESP2 arrays of bulk strings, and Redis's inline commands) and
-the encoding of every reply the frontend builds itself. No asyncio, no zmq, no sockets.
+Owns: framing of client requests (RESP2 arrays of bulk strings, and Redis's inline commands), the
+caps on them (`FrameLimits`), and the encoding of every reply the frontend builds itself. No
+asyncio, no zmq, no sockets.
 Rules:
   1. hiredis builds the argv lists, but it would buffer anything it is fed (a `*4000000000` header
      allocates a list, a `$2000000000` header waits for 2 GB). So a scanner here reads every header
      first, checks it against the caps, and feeds hiredis only frames it has vetted; hiredis never
-     sees inline commands, `*0`/`*-1`, or bytes after an error.
+     sees inline commands, `*0`/`*-1`, or bytes after an error. hiredis is asked for a frame
+     (`gets`) only once the scanner has seen all of it: asked to parse a bare `*1000000` header it
+     would reserve a million list slots (8 MB), so a declared count commits nothing until its
+     elements have arrived (as Redis grows argv as arguments arrive).
   2. The caps and error texts are Redis's (`processMultibulkBuffer`, `processInlineBuffer`):
      a bulk above `max_bulk_bytes` or not a plain integer -> "invalid bulk length"; a count above
      `max_multibulk_length` -> "invalid multibulk length"; an element that is not a bulk ->
@@ -22,7 +26,17 @@ Rules:
      no '+', no leading zeros, no spaces) and stricter than Redis in one place: a bulk must be
      followed by CRLF (Redis skips two bytes unchecked, then parses a wrong length's leftovers as
      the next command).
+  6. A bulk above the server's max_message_size (but at least MIN_DROPPED_ARG_BYTES, so names
+     and numbers always pass) and within `max_bulk_bytes` is not a framing error: its body is
+     dropped as it arrives (never held), and its command comes out as a MessageTooLarge to
+     reply with; the connection lives on. Smaller oversized bodies are held and refused by
+     commands.parse with the same error.
+  7. Before AUTH the limits are Redis's unauthenticated ones (10 arguments, 16 KiB bulks). The
+     commands of one read are scanned before any of them runs, so a limit broken by a command
+     that follows an AUTH in the same read is held back (`deferred`): if the AUTH succeeds,
+     `set_limits` rescans those bytes with the new limits; if not, the error is final.
 """
+
 from __future__ import annotations
 
 import re
@@ -30,7 +44,7 @@ import re
 import hiredis
 
 from floki import reply
-from floki.errors import ProtocolError, to_reply
+from floki.errors import FlokiError, MessageTooLarge, ProtocolError, to_reply
 
 MAX_BULK_BYTES = 512 * 1024**2          # Redis's proto-max-bulk-len default
 MAX_MULTIBULK_LENGTH = 1024 * 1024      # Redis's multibulk cap before 7.0
@@ -123,38 +137,111 @@ def split_inline(line: bytes) -> list[bytes]:
         args.append(bytes(current))
 
 
+PRE_AUTH_MAX_ARGS = 10                  # Redis's limits before AUTH (networking.c)
+PRE_AUTH_MAX_BULK_BYTES = 16 * 1024
+PRE_AUTH_MAX_REQUEST_BYTES = 1024**2    # implied by the two above; kept as Redis states it
+MIN_DROPPED_ARG_BYTES = 64 * 1024       # rule 6 never drops an argument this small
+_EMPTY_BULK = b"$0\r\n\r\n"             # what hiredis gets in place of a dropped body (rule 6)
+
+
+class FrameLimits:
+    """The caps a RequestReader enforces. One instance is shared by every connection of a
+    frontend, so a runtime change (CONFIG SET server.max_message_size) holds from the next read.
+    """
+
+    __slots__ = ("max_bulk_bytes", "max_multibulk_length", "max_request_bytes",
+                 "max_message_bytes", "max_arg_bytes", "before_auth", "outer")
+
+    def __init__(self, max_bulk_bytes: int = MAX_BULK_BYTES,
+                 max_multibulk_length: int = MAX_MULTIBULK_LENGTH,
+                 max_request_bytes: int = MAX_REQUEST_BYTES,
+                 max_message_bytes: int | None = None):
+        self.max_bulk_bytes = max_bulk_bytes
+        self.max_multibulk_length = max_multibulk_length
+        self.max_request_bytes = max_request_bytes
+        self.max_message_bytes = max_bulk_bytes  # see set_max_message_bytes
+        self.max_arg_bytes = max_bulk_bytes
+        self.before_auth = False                 # rule 7: errors may be deferred
+        self.outer: FrameLimits | None = None    # before auth: the limits after it (error texts)
+        if max_message_bytes is not None:
+            self.set_max_message_bytes(max_message_bytes)
+
+    def set_max_message_bytes(self, max_message_bytes: int) -> None:
+        """Sets the server's max_message_size, and from it the size above which an argument is
+        dropped and its command refused (rule 6).
+
+        That size is kept at most max_bulk_bytes, so the scanner makes one comparison per bulk.
+        """
+        self.max_message_bytes = max_message_bytes
+        self.max_arg_bytes = min(max(max_message_bytes, MIN_DROPPED_ARG_BYTES),
+                                 self.max_bulk_bytes)
+
+    @classmethod
+    def before_auth_of(cls, outer: "FrameLimits") -> "FrameLimits":
+        """Returns Redis's unauthenticated limits for a connection that will have `outer` once
+        authenticated (rule 7)."""
+        limits = cls(min(PRE_AUTH_MAX_BULK_BYTES, outer.max_bulk_bytes),
+                     min(PRE_AUTH_MAX_ARGS, outer.max_multibulk_length),
+                     min(PRE_AUTH_MAX_REQUEST_BYTES, outer.max_request_bytes))
+        # No bulk is dropped before auth (nothing but AUTH, HELLO and QUIT may run), so hiredis
+        # never holds a byte of a frame that a deferred error may have to rescan.
+        limits.before_auth = True
+        limits.outer = outer
+        return limits
+
+    def bulk_error(self, length: int) -> ProtocolError:
+        if self.outer is not None and length <= self.outer.max_bulk_bytes:
+            return ProtocolError("unauthenticated bulk length")
+        return ProtocolError("invalid bulk length")
+
+    def multibulk_error(self, count: int | None) -> ProtocolError:
+        if self.outer is not None and count is not None and \
+                count <= self.outer.max_multibulk_length:
+            return ProtocolError("unauthenticated multibulk length")
+        return ProtocolError("invalid multibulk length")
+
+
+class _Refused:
+    """Ready-list marker of a command refused by rule 6: its hiredis array is read and dropped."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: FlokiError):
+        self.error = error
+
+
 class RequestReader:
     """Turns a client's byte stream into argv lists (lists of bytes, argv[0] the command name).
 
     Use: `feed(data)` each time bytes arrive, then `commands()` until it returns [].
     """
 
-    __slots__ = ("_hiredis", "_carry", "_elements", "_skip", "_last_byte", "_frame_bytes",
-                 "_ready", "_error", "max_bulk_bytes", "max_multibulk_length", "max_request_bytes")
+    __slots__ = ("limits", "_hiredis", "_carry", "_elements", "_skip", "_last_byte",
+                 "_frame_bytes", "_marker", "_discard", "_ready", "_error", "_deferred")
 
-    def __init__(self, max_bulk_bytes: int = MAX_BULK_BYTES,
-                 max_multibulk_length: int = MAX_MULTIBULK_LENGTH,
-                 max_request_bytes: int = MAX_REQUEST_BYTES):
-        self.max_bulk_bytes = max_bulk_bytes
-        self.max_multibulk_length = max_multibulk_length
-        self.max_request_bytes = max_request_bytes
+    def __init__(self, limits: FrameLimits | None = None):
+        self.limits = limits if limits is not None else FrameLimits()
         self._hiredis = hiredis.Reader()
         self._carry = b""        # an unterminated header or inline line, not yet fed to hiredis
         self._elements = 0       # bulk headers still expected in the current array (0: between)
         self._skip = 0           # body bytes (+ CRLF) of the current bulk still to come
         self._last_byte = 0      # last byte of a feed that ended inside a body (its CR, maybe)
         self._frame_bytes = 0    # declared size of the current array so far (headers + bodies)
+        self._marker = None      # the current array's ready entry: None, or a _Refused
+        self._discard = False    # the body being skipped is dropped, not fed (rule 6)
         self._ready: list = []   # complete commands not yet returned, in order
         self._error: ProtocolError | None = None
+        self._deferred: ProtocolError | None = None   # rule 7; `_carry` holds its frame
 
     @property
     def failed(self) -> bool:
         """True once a protocol error was found (it is raised after the commands before it)."""
         return self._error is not None
 
-    def commands(self) -> list[list[bytes]]:
+    def commands(self) -> list:
         """Returns the complete commands fed so far, in order; [] means "need more bytes".
 
+        Each entry is an argv, or a FlokiError to reply with in that command's place (rule 6).
         Raises ProtocolError once every command before the broken bytes has been returned.
         """
         ready = self._ready
@@ -163,7 +250,18 @@ class RequestReader:
             return ready
         if self._error is not None:
             raise self._error
+        if self._deferred is not None:      # rule 7: the commands before it did not lift it
+            self._error, self._deferred, self._carry = self._deferred, None, b""
+            raise self._error
         return ready
+
+    def set_limits(self, limits: FrameLimits) -> None:
+        """Applies `limits` to the bytes not scanned yet, and to a frame held back by rule 7."""
+        self.limits = limits
+        if self._deferred is not None:
+            self._deferred = None
+            data, self._carry = self._carry, b""
+            self.feed(data)
 
     def feed(self, data: bytes) -> None:
         """Takes the next bytes of the stream. Never raises: errors surface in `commands()`."""
@@ -172,23 +270,30 @@ class RequestReader:
         if self._carry:
             data = self._carry + data
             self._carry = b""
+        if self._deferred is not None:
+            self._carry = data
+            return
         try:
             self._scan(data)
         except ProtocolError as exc:
             self._error = exc
-        # hiredis holds every vetted frame; fetch them where the scanner left their markers.
+        # hiredis holds every vetted frame; fetch them where the scanner left their markers
+        # (None: an array; a _Refused: an array to drop, rule 6; a list: an inline argv).
         ready = self._ready
         gets = self._hiredis.gets
         try:
             for i, item in enumerate(ready):
                 if item is None:
                     ready[i] = gets()
+                elif item.__class__ is _Refused:
+                    gets()
+                    ready[i] = item.error
         except hiredis.ProtocolError as exc:  # unreachable while rule 5 holds; never resync
             del ready[i:]
             self._error = ProtocolError(str(exc))
 
     def _scan(self, data: bytes) -> None:
-        """Walks the headers of `data`, appending inline argvs and a None per array to `_ready`.
+        """Walks the headers of `data`, appending inline argvs and a marker per array to `_ready`.
 
         Feeds hiredis every byte of the arrays it vetted, up to the first broken header.
         Raises ProtocolError.
@@ -198,26 +303,34 @@ class RequestReader:
         n = len(data)
         start = 0          # first byte not yet fed to hiredis
         ready = self._ready
+        limits = self.limits
         elements = self._elements
         frame_bytes = self._frame_bytes
-        max_bulk = self.max_bulk_bytes
-        max_request = self.max_request_bytes
+        marker = self._marker
+        max_arg = limits.max_arg_bytes           # <= max_bulk_bytes
+        max_request = limits.max_request_bytes
+        frame_start = -1   # where the current command began in `data`; -1: in an earlier feed
         pos = self._skip   # finish the body a previous feed ended in
         if pos:
             if pos > n:
                 self._skip = pos - n
                 self._last_byte = data[-1]
-                self._hiredis.feed(data)
+                if not self._discard:
+                    self._hiredis.feed(data)
                 return
             self._skip = 0
             if data[pos - 1] != 10 or (data[pos - 2] if pos >= 2 else self._last_byte) != 13:
                 raise ProtocolError(_BAD_BULK_END)
+            if self._discard:
+                self._discard = False
+                start = pos
             if not elements:
-                ready.append(None)
+                ready.append(marker)
         find = data.find
         try:
             while pos < n:
                 if not elements:
+                    frame_start = pos
                     if data[pos] != 42:             # b"*"
                         # An inline command: one line split on blanks (telnet's form).
                         if start < pos:
@@ -240,8 +353,8 @@ class RequestReader:
                             raise ProtocolError("too big mbulk count string")
                         break
                     count = _header_int(data[pos + 1:eol])
-                    if count is None or count > self.max_multibulk_length:
-                        raise ProtocolError("invalid multibulk length")
+                    if count is None or count > limits.max_multibulk_length:
+                        raise limits.multibulk_error(count)
                     if count <= 0:                        # ignored, as Redis does
                         if start < pos:
                             self._hiredis.feed(data, start, pos - start)
@@ -249,6 +362,7 @@ class RequestReader:
                         continue
                     frame_bytes = eol - pos + 2
                     elements = count
+                    marker = None
                     pos = eol + 2
                 # Inside an array: `elements` bulk headers still expected.
                 while elements and pos < n:
@@ -265,9 +379,31 @@ class RequestReader:
                     if not raw.isdigit() or (raw[0] == 48 and eol - pos > 2):
                         raise ProtocolError("invalid bulk length")   # also negative: `$-1`
                     length = int(raw)
-                    if length > max_bulk:
-                        raise ProtocolError("invalid bulk length")
                     frame_bytes += eol - pos + 4 + length
+                    if length > max_arg:
+                        if length > limits.max_bulk_bytes:
+                            raise limits.bulk_error(length)
+                        if frame_bytes > max_request:
+                            raise ProtocolError("too big request")
+                        # Rule 6: hiredis gets an empty bulk instead; the body is never held.
+                        if marker is None:
+                            marker = _Refused(MessageTooLarge(
+                                f"message too large ({length} bytes, max_message_size is "
+                                f"{limits.max_message_bytes})"))
+                        if start < pos:
+                            self._hiredis.feed(data, start, pos - start)
+                        self._hiredis.feed(_EMPTY_BULK)
+                        elements -= 1
+                        pos = start = eol + 4 + length
+                        if pos > n:
+                            self._skip = pos - n
+                            self._last_byte = data[-1]
+                            self._discard = True
+                            pos = n
+                            break
+                        if data[pos - 1] != 10 or data[pos - 2] != 13:
+                            raise ProtocolError(_BAD_BULK_END)
+                        continue
                     if frame_bytes > max_request:
                         raise ProtocolError("too big request")
                     elements -= 1
@@ -281,12 +417,24 @@ class RequestReader:
                         raise ProtocolError(_BAD_BULK_END)
                 else:
                     if not elements:
-                        ready.append(None)                # array complete: hiredis has it
+                        ready.append(marker)              # array complete: hiredis has it
                     continue
                 break                                     # need more bytes
+        except ProtocolError as exc:
+            if frame_start < 0 or not limits.before_auth:
+                raise
+            # Rule 7: hold the frame back, unscanned and unfed, until the commands before it
+            # have run. Before auth nothing of a frame reaches hiredis before its end (no body
+            # is dropped, see before_auth_of), so the bytes can be rescanned.
+            self._deferred = exc
+            pos = frame_start
+            elements = frame_bytes = 0
+            marker = None
+            self._skip = 0
         finally:
             self._elements = elements
             self._frame_bytes = frame_bytes
+            self._marker = marker
             # Bytes from `start` to `pos` are vetted array bytes; from `pos` on, an unfinished
             # line (kept for the next feed) or the broken bytes (dropped with the error).
             if pos > start:

@@ -415,9 +415,8 @@ def test_a_full_write_buffer_pauses_reading():
     assert not client.transport.read_paused
 
 
-def test_a_client_that_never_reads_is_disconnected(monkeypatch):
-    monkeypatch.setattr(connection_module, "MAX_OUTPUT_BUFFER_BYTES", 100)
-    client = Client()
+def test_a_client_that_never_reads_is_disconnected():
+    client = Client(config=ServerConfig(max_output_buffer=100))
     client.send(resp(b"PING"))
     client.transport.buffer_size = 101
     client.send(resp(b"PING"))
@@ -485,3 +484,160 @@ def test_commands_split_across_reads(chunk):
     for i in range(0, len(data), chunk):
         client.send(data[i:i + chunk])
     assert client.transport.output == b"$5\r\nhello\r\n+PONG\r\n$0\r\n\r\n"
+
+
+# --- access and limits (issue 4) ------------------------------------------------------------
+
+NOAUTH = b"-NOAUTH Authentication required.\r\n"
+WRONGPASS = b"-WRONGPASS invalid username-password pair or user is disabled.\r\n"
+
+
+def test_with_a_password_only_auth_hello_and_quit_run_before_auth():
+    client = Client(config=ServerConfig(requirepass="pw"))
+    client.send(resp(b"PING") + resp(b"RPUSH", b"q", b"x") + resp(b"INFO") + b"NOSUCH cmd\r\n"
+                + resp(b"AUTH", b"bad") + resp(b"AUTH", b"other", b"pw") + resp(b"HELLO", b"3"))
+    out = client.transport.output
+    assert out.startswith(NOAUTH * 4 + WRONGPASS * 2 + b"-NOAUTH HELLO must be called")
+    assert client.router.sent == {} and not client.transport.closed
+    client.transport.writes.clear()
+    client.send(resp(b"AUTH", b"pw") + resp(b"PING") + resp(b"RPUSH", b"q", b"x"))
+    assert client.transport.output == b"+OK\r\n+PONG\r\n"
+    assert [argv for _, argv, _ in client.router.sent.values()] == [[b"RPUSH", b"q", b"x"]]
+
+
+def test_hello_auth_and_two_argument_auth_authenticate():
+    client = Client(config=ServerConfig(requirepass="pw"))
+    client.send(resp(b"HELLO", b"3", b"AUTH", b"default", b"pw") + resp(b"PING"))
+    assert client.transport.output.startswith(b"%7\r\n") and client.transport.output.endswith(
+        b"+PONG\r\n")
+    other = Client(frontend=client.frontend)
+    other.send(resp(b"AUTH", b"default", b"pw") + resp(b"PING"))
+    assert other.transport.output == b"+OK\r\n+PONG\r\n"
+
+
+def test_quit_before_auth_closes():
+    client = Client(config=ServerConfig(requirepass="pw"))
+    client.send(resp(b"QUIT") + resp(b"PING"))
+    assert client.transport.output == b"+OK\r\n" and client.transport.closed
+
+
+def test_pre_auth_limits_close_the_connection():
+    client = Client(config=ServerConfig(requirepass="pw"))
+    client.send(resp(*[b"x"] * 11))
+    assert client.transport.output == b"-ERR Protocol error: unauthenticated multibulk length\r\n"
+    assert client.transport.closed
+    client = Client(config=ServerConfig(requirepass="pw"))
+    client.send(b"*2\r\n$4\r\nAUTH\r\n$16385\r\n")
+    assert client.transport.output == b"-ERR Protocol error: unauthenticated bulk length\r\n"
+    assert client.transport.closed
+
+
+def test_a_big_command_pipelined_behind_auth_runs_once_authenticated():
+    client = Client(config=ServerConfig(requirepass="pw"))
+    body = b"m" * 100_000
+    client.send(resp(b"AUTH", b"pw") + resp(b"RPUSH", b"q", body) + resp(b"PING"))
+    assert client.transport.output == b"+OK\r\n"     # PING waits for RPUSH (order)
+    ((_, argv, _),) = client.router.sent.values()
+    assert argv == [b"RPUSH", b"q", body] and not client.transport.closed
+
+
+def test_the_same_pipeline_with_a_wrong_password_is_a_protocol_error():
+    client = Client(config=ServerConfig(requirepass="pw"))
+    client.send(resp(b"AUTH", b"no") + resp(b"RPUSH", b"q", b"m" * 100_000) + resp(b"PING"))
+    assert client.transport.output == (WRONGPASS + b"-ERR Protocol error: unauthenticated "
+                                       b"bulk length\r\n")
+    assert client.transport.closed and client.router.sent == {}
+
+
+def test_readers_hold_the_limits_of_their_session():
+    client = Client()
+    assert client.conn.session.authenticated
+    assert client.conn._reader.limits is client.frontend.frame_limits
+    authed = Client(config=ServerConfig(requirepass="pw"))
+    assert authed.conn._reader.limits is authed.frontend.before_auth_limits
+    authed.send(resp(b"AUTH", b"pw"))
+    assert authed.conn._reader.limits is authed.frontend.frame_limits
+
+
+def public_client(config, peer):
+    router, loop = FakeRouter(), MockLoop()
+    frontend = Frontend(config, router, loop)
+    client = Client.__new__(Client)
+    client.router, client.loop, client.frontend = router, loop, frontend
+    client.transport = MockTransport(peer=peer)
+    client.conn = Connection(frontend)
+    client.conn.connection_made(client.transport)
+    return client
+
+
+def test_protected_mode_denies_non_loopback_clients_of_a_public_bind():
+    public = ServerConfig(bind="0.0.0.0:9797")
+    denied = public_client(public, ("192.0.2.7", 40000))
+    assert denied.transport.output.startswith(b"-DENIED Floki is running in protected mode")
+    assert denied.transport.output.endswith(b"\r\n") and denied.transport.closed
+    assert denied.frontend.connections == set()
+    denied.send(resp(b"PING"))
+    assert denied.transport.output.count(b"\r\n") == 1
+    for peer in (("127.0.0.1", 1), ("::1", 1, 0, 0), ("::ffff:127.0.0.1", 1, 0, 0)):
+        local = public_client(public, peer)
+        local.send(resp(b"PING"))
+        assert local.transport.output == b"+PONG\r\n"
+    for config in (ServerConfig(bind="0.0.0.0:9797", requirepass="pw"),
+                   ServerConfig(bind="0.0.0.0:9797", protected_mode=False)):
+        remote = public_client(config, ("192.0.2.7", 40000))
+        remote.send(resp(b"PING"))
+        assert not remote.transport.output.startswith(b"-DENIED") and not remote.transport.closed
+
+
+def test_an_oversized_argument_is_refused_and_the_connection_lives():
+    client = Client(config=ServerConfig(max_message_size=65536))
+    client.send(resp(b"RPUSH", b"q", b"ok", b"x" * 70_000) + resp(b"PING"))
+    assert client.transport.output == (b"-ERR message too large (70000 bytes, max_message_size "
+                                       b"is 65536)\r\n+PONG\r\n")
+    assert client.router.sent == {} and not client.transport.closed
+
+
+@pytest.mark.parametrize("config,data,error", [
+    (ServerConfig(max_args=8), resp(*[b"a"] * 9), b"invalid multibulk length"),
+    (ServerConfig(max_bulk_len=1024), b"*2\r\n$4\r\nECHO\r\n$1025\r\n", b"invalid bulk length"),
+])
+def test_max_args_and_max_bulk_len_close_the_connection(config, data, error):
+    client = Client(config=config)
+    client.send(resp(b"PING") + data)
+    assert client.transport.output == b"+PONG\r\n-ERR Protocol error: " + error + b"\r\n"
+    assert client.transport.closed
+
+
+def test_idle_clients_are_closed_after_the_timeout():
+    frontend = Frontend(ServerConfig(timeout=10), FakeRouter(), MockLoop())
+    idle, busy, polling, slowloris = (Client(frontend=frontend) for _ in range(4))
+    polling.send(resp(b"HMGET", queue_on(0), b"c", b"1", b"60"))
+    slowloris.send(b"*1\r\n$4\r\nPI")
+    frontend.sweep_idle(100.0)                 # first sweep: everyone counts as just active
+    frontend.sweep_idle(105.0)
+    busy.send(resp(b"PING"))
+    slowloris.send(b"N")
+    frontend.sweep_idle(109.9)
+    assert not any(c.transport.closed for c in (idle, busy, polling, slowloris))
+    frontend.sweep_idle(110.0)
+    assert idle.transport.aborted and slowloris.transport.aborted
+    assert not busy.transport.closed and not polling.transport.closed   # a parked poll waits
+    frontend.sweep_idle(119.8)                 # its PING was seen by the sweep at 109.9
+    assert not busy.transport.closed
+    frontend.sweep_idle(119.9)
+    assert busy.transport.aborted
+
+
+def test_a_client_reading_slowly_is_not_idle_but_a_stuck_one_is():
+    frontend = Frontend(ServerConfig(timeout=10), FakeRouter(), MockLoop())
+    client = Client(frontend=frontend)
+    client.transport.buffer_size = 5000
+    frontend.sweep_idle(0.0)
+    for now in (8.0, 16.0, 24.0):
+        client.transport.buffer_size -= 1000   # the client reads
+        frontend.sweep_idle(now)
+    assert not client.transport.closed
+    frontend.sweep_idle(33.0)
+    assert not client.transport.closed
+    frontend.sweep_idle(34.0)                  # nothing read for 10 s
+    assert client.transport.aborted

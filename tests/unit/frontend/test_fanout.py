@@ -92,3 +92,12 @@ def test_config_set_applies_only_when_every_shard_agrees():
 def test_json_that_is_not_an_object_is_a_bug():
     with pytest.raises(ValueError):
         merge(rq.InfoQueues(""), [(wire.JSON, b"[1]"), (wire.JSON, b"{}")])
+
+
+def test_config_get_server_masks_the_password():
+    from floki.frontend.fanout import SECRET_MASK
+    parts = [(wire.JSON, b'{"requirepass":"s3cret","bind":"0.0.0.0:1"}'), DOWN]
+    assert json_of(merge(rq.ConfigGetServer(), parts)) == {"requirepass": SECRET_MASK,
+                                                           "bind": "0.0.0.0:1"}
+    unset = [(wire.JSON, b'{"requirepass":""}')]
+    assert json_of(merge(rq.ConfigGetServer(), unset)) == {"requirepass": ""}

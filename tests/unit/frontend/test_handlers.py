@@ -84,3 +84,48 @@ def test_command_table_comes_from_the_command_table():
     table = {entry[0]: entry[1] for entry in parsed(answer(rq.CommandInfo(""), session))}
     assert table[b"hmset"] == 5 and table[b"hmget"] == -4 and table[b"ping"] == -1
     assert parsed(answer(rq.CommandInfo("COUNT"), session)) == len(COMMANDS)
+
+
+# --- passwords (issue 4) -----------------------------------------------------------------------
+
+def test_auth_with_a_password_configured():
+    from floki.errors import WrongPass
+    from floki.frontend.access import Password
+    session = Session(client_id=1, password=Password("s3cret"))
+    assert session.authenticated is False
+    for username, secret in (("default", b"nope"), ("default", b"s3cret "), ("admin", b"s3cret"),
+                             ("default", b""), ("default", b"s3cre")):
+        with pytest.raises(WrongPass) as exc:
+            answer(rq.Auth(username, secret), session)
+        assert exc.value.reply_line() == ("WRONGPASS invalid username-password pair or user is "
+                                          "disabled.")
+        assert session.authenticated is False
+    assert answer(rq.Auth("default", b"s3cret"), session) == b"+OK\r\n"
+    assert session.authenticated is True
+    with pytest.raises(WrongPass):                      # a later failure keeps the session in
+        answer(rq.Auth("default", b"x"), session)
+    assert session.authenticated is True
+
+
+def test_hello_authenticates_or_refuses():
+    from floki.errors import NoAuth, WrongPass
+    from floki.frontend.access import Password
+    session = Session(client_id=1, password=Password("pw"))
+    with pytest.raises(NoAuth) as exc:
+        answer(rq.Hello(3, None, None), session)
+    assert str(exc.value).startswith("HELLO must be called with the client already authenticated")
+    with pytest.raises(WrongPass):
+        answer(rq.Hello(3, ("default", b"bad"), "n"), session)
+    assert session.protover == 2 and session.name == "" and not session.authenticated
+    assert answer(rq.Hello(3, ("default", b"pw"), "n"), session).startswith(b"%7\r\n")
+    assert session.authenticated and session.protover == 3 and session.name == "n"
+    assert answer(rq.Hello(2, None, None), session).startswith(b"*14\r\n")   # now allowed
+
+
+def test_without_a_password_hello_auth_accepts_only_the_default_user():
+    from floki.errors import WrongPass
+    session = Session(client_id=1)
+    assert session.authenticated
+    answer(rq.Hello(3, ("default", b"anything"), None), session)
+    with pytest.raises(WrongPass):
+        answer(rq.Hello(3, ("someone", b"anything"), None), session)

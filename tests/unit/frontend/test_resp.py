@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from floki.errors import InvalidParameter, ProtocolError
 from floki.frontend import resp
-from floki.frontend.resp import RequestReader, split_inline
+from floki.frontend.resp import FrameLimits, RequestReader, split_inline
 
 CORPUS = Path(__file__).resolve().parents[2] / "data" / "resp"
 
@@ -114,37 +114,37 @@ def test_commands_before_the_error_come_first_in_the_same_feed():
 
 
 def test_bulk_above_the_cap_is_refused_from_its_header_alone():
-    reader = RequestReader(max_bulk_bytes=1000)
+    reader = RequestReader(FrameLimits(max_bulk_bytes=1000))
     reader.feed(b"*2\r\n$4\r\nECHO\r\n$1000\r\n")   # at the cap: fine, waits for the body
     assert reader.commands() == []
-    reader = RequestReader(max_bulk_bytes=1000)
+    reader = RequestReader(FrameLimits(max_bulk_bytes=1000))
     reader.feed(b"*2\r\n$4\r\nECHO\r\n$1001\r\n")   # no body byte sent yet
     with pytest.raises(ProtocolError, match="invalid bulk length"):
         reader.commands()
 
 
 def test_multibulk_count_above_the_cap_is_refused():
-    reader = RequestReader(max_multibulk_length=10)
+    reader = RequestReader(FrameLimits(max_multibulk_length=10))
     reader.feed(b"*10\r\n")
     assert reader.commands() == []
-    reader = RequestReader(max_multibulk_length=10)
+    reader = RequestReader(FrameLimits(max_multibulk_length=10))
     reader.feed(b"*11\r\n")
     with pytest.raises(ProtocolError, match="invalid multibulk length"):
         reader.commands()
 
 
 def test_request_size_cap_counts_declared_bytes_before_they_arrive():
-    reader = RequestReader(max_request_bytes=100)
+    reader = RequestReader(FrameLimits(max_request_bytes=100))
     reader.feed(b"*3\r\n$5\r\nRPUSH\r\n$1\r\nq\r\n$70\r\n")   # 4+11+7+76 = 98 declared
     assert reader.commands() == []
-    reader = RequestReader(max_request_bytes=100)
+    reader = RequestReader(FrameLimits(max_request_bytes=100))
     reader.feed(b"*3\r\n$5\r\nRPUSH\r\n$1\r\nq\r\n$73\r\n")
     with pytest.raises(ProtocolError, match="too big request"):
         reader.commands()
 
 
 def test_request_size_cap_is_per_command():
-    reader = RequestReader(max_request_bytes=40)
+    reader = RequestReader(FrameLimits(max_request_bytes=40))
     one = b"*2\r\n$4\r\nECHO\r\n$10\r\n0123456789\r\n"           # 34 bytes
     assert run(reader, [one * 20]) == ([[b"ECHO", b"0123456789"]] * 20, None)
 
@@ -256,7 +256,8 @@ def test_any_commands_in_any_chunking_round_trip(commands, cuts):
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.binary(max_size=300), cuts=st.lists(st.integers(min_value=0), max_size=8))
 def test_random_bytes_give_only_argvs_need_more_or_protocol_error(data, cuts):
-    reader = RequestReader(max_bulk_bytes=1000, max_multibulk_length=100, max_request_bytes=5000)
+    reader = RequestReader(FrameLimits(max_bulk_bytes=1000, max_multibulk_length=100,
+                                        max_request_bytes=5000))
     for chunk in split_at(data, cuts):
         reader.feed(chunk)
         try:
@@ -279,3 +280,205 @@ def test_resp_like_token_soup_parses_the_same_in_any_chunking(tokens, cuts):
     """Mutated frames: whole and chunked feeding agree on every command and on the error."""
     data = b"".join(tokens)
     assert run(RequestReader(), split_at(data, cuts)) == run(RequestReader(), [data])
+
+
+# --- limits (issue 4): dropped arguments, long arrays, pre-auth limits -------------------------
+
+def refused_run(reader: RequestReader, chunks: list[bytes]):
+    """Like run(), but keeps the FlokiErrors the reader returns in a refused command's place."""
+    out, error = [], None
+    for chunk in chunks:
+        reader.feed(chunk)
+        try:
+            while batch := reader.commands():
+                out += [item if isinstance(item, list) else f"refused: {item.message}"
+                        for item in batch]
+        except ProtocolError as exc:
+            error = exc.message
+            break
+    return out, error
+
+
+def test_an_argument_above_max_message_size_is_dropped_and_its_command_refused():
+    limits = FrameLimits(max_message_bytes=100 * 1024)
+    body = b"x" * (200 * 1024)
+    data = (encode_request([b"RPUSH", b"q", b"ok", body, b"tail"]) + b"PING\r\n"
+            + encode_request([b"ECHO", b"after"]))
+    expected = (["refused: message too large (204800 bytes, max_message_size is 102400)",
+                 [b"PING"], [b"ECHO", b"after"]], None)
+    for how, chunks in chunkings(data).items():
+        if how == "bytewise":
+            chunks = [data[i:i + 997] for i in range(0, len(data), 997)]
+        assert refused_run(RequestReader(limits), chunks) == expected, how
+
+
+def test_a_dropped_body_is_never_held():
+    reader = RequestReader(FrameLimits(max_message_bytes=64 * 1024))
+    reader.feed(b"*3\r\n$5\r\nRPUSH\r\n$1\r\nq\r\n$%d\r\n" % (50 * 1024**2))
+    for _ in range(100):
+        reader.feed(b"z" * 65536)
+        assert reader._hiredis.len() < 1024          # hiredis holds headers only
+    assert reader.commands() == []
+
+
+def test_a_dropped_body_must_still_end_with_crlf():
+    reader = RequestReader(FrameLimits(max_message_bytes=64 * 1024))
+    data = b"*2\r\n$4\r\nECHO\r\n$70000\r\n" + b"a" * 70000 + b"XY"
+    assert refused_run(reader, [data[:100], data[100:]]) == (
+        [], "Protocol error: bulk data does not end with CRLF")
+
+
+def test_names_and_numbers_are_never_dropped_however_small_max_message_size():
+    reader = RequestReader(FrameLimits(max_message_bytes=1))
+    reader.feed(encode_request([b"HMGET", b"q" * 200, b"c", b"10"]))
+    assert reader.commands() == [[b"HMGET", b"q" * 200, b"c", b"10"]]
+
+
+def test_max_bulk_len_wins_over_max_message_size():
+    reader = RequestReader(FrameLimits(max_bulk_bytes=1000, max_message_bytes=10**9))
+    reader.feed(b"*2\r\n$4\r\nECHO\r\n$1001\r\n")
+    with pytest.raises(ProtocolError, match="invalid bulk length"):
+        reader.commands()
+
+
+def test_a_runtime_change_of_max_message_size_holds_for_the_next_read():
+    limits = FrameLimits(max_message_bytes=10**6)
+    reader = RequestReader(limits)
+    frame = encode_request([b"ECHO", b"y" * 100_000])
+    reader.feed(frame)
+    assert reader.commands() == [[b"ECHO", b"y" * 100_000]]
+    limits.set_max_message_bytes(70_000)
+    reader.feed(frame)
+    assert [item.message for item in reader.commands()] == [
+        "message too large (100000 bytes, max_message_size is 70000)"]
+
+
+def test_a_million_element_header_commits_no_memory():
+    import tracemalloc
+    tracemalloc.start()
+    try:
+        readers = [RequestReader() for _ in range(20)]
+        before = tracemalloc.get_traced_memory()[0]
+        for reader in readers:
+            reader.feed(b"*1000000\r\n$5\r\nRPUSH\r\n$1\r\nq\r\n")
+            assert reader.commands() == []
+        grown = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert grown < 200_000, grown          # a list of 10**6 slots is 8 MB per reader
+
+
+@pytest.mark.parametrize("count", [1024, 1025, 3000])
+def test_long_arrays_split_anywhere_come_out_whole(count):
+    argv = [b"HDEL", b"q", b"c"] + [b"%d" % i for i in range(count - 3)]
+    data = encode_request(argv) + encode_request([b"PING"])
+    for how, chunks in chunkings(data).items():
+        if how == "bytewise":
+            chunks = [data[i:i + 5] for i in range(0, len(data), 5)]
+        assert run(RequestReader(), chunks) == ([argv, [b"PING"]], None), how
+
+
+def test_a_long_array_with_a_dropped_argument_is_refused_whole():
+    limits = FrameLimits(max_message_bytes=64 * 1024)
+    argv = [b"RPUSH", b"q"] + [b"m"] * 2000 + [b"b" * 70_000]
+    data = encode_request(argv) + encode_request([b"ECHO", b"x"])
+    out = refused_run(RequestReader(limits), [data[:5000], data[5000:]])
+    assert out == (["refused: message too large (70000 bytes, max_message_size is 65536)",
+                    [b"ECHO", b"x"]], None)
+
+
+def before_auth() -> FrameLimits:
+    return FrameLimits.before_auth_of(FrameLimits())
+
+
+@pytest.mark.parametrize("data,error", [
+    (b"*11\r\n", "Protocol error: unauthenticated multibulk length"),
+    (b"*2\r\n$4\r\nECHO\r\n$16385\r\n", "Protocol error: unauthenticated bulk length"),
+    (b"*2\r\n$4\r\nECHO\r\n$536870913\r\n", "Protocol error: invalid bulk length"),
+    (b"*1048577\r\n", "Protocol error: invalid multibulk length"),
+])
+def test_limits_before_auth_are_redis_s(data, error):
+    assert run(RequestReader(before_auth()), [data]) == ([], error)
+
+
+def test_before_auth_ten_args_and_16_kib_bulks_pass():
+    argv = [b"HELLO", b"3", b"AUTH", b"default", b"p" * 16384, b"SETNAME", b"x", b"a", b"b", b"c"]
+    assert run(RequestReader(before_auth()), [encode_request(argv)]) == ([argv], None)
+
+
+def test_a_limit_broken_after_auth_in_the_same_read_waits_for_the_auth():
+    big = encode_request([b"RPUSH", b"q", b"m" * 20_000])
+    data = encode_request([b"AUTH", b"pw"]) + big + encode_request([b"PING"])
+    reader = RequestReader(before_auth())
+    reader.feed(data)
+    assert reader.commands() == [[b"AUTH", b"pw"]]
+    reader.set_limits(FrameLimits())                  # the AUTH succeeded
+    assert reader.commands() == [[b"RPUSH", b"q", b"m" * 20_000], [b"PING"]]
+    reader.feed(b"*1\r\n$4\r\nPING\r\n")
+    assert reader.commands() == [[b"PING"]]
+
+
+def test_a_limit_broken_after_a_failed_auth_is_final():
+    data = encode_request([b"AUTH", b"bad"]) + b"*11\r\n" + encode_request([b"PING"])
+    reader = RequestReader(before_auth())
+    reader.feed(data)
+    assert reader.commands() == [[b"AUTH", b"bad"]]
+    reader.feed(encode_request([b"PING"]))            # bytes after the broken frame: ignored
+    with pytest.raises(ProtocolError, match="unauthenticated multibulk length"):
+        reader.commands()
+    reader.set_limits(FrameLimits())                  # too late: the error stands
+    with pytest.raises(ProtocolError):
+        reader.commands()
+
+
+small_argvs = st.lists(st.lists(st.binary(max_size=12), min_size=1, max_size=4), max_size=5)
+any_argvs = st.lists(st.lists(st.one_of(st.binary(max_size=12), st.just(b"L" * 17_000)),
+                              min_size=1, max_size=14), max_size=5)
+
+
+@settings(max_examples=200, deadline=None)
+@given(first=st.lists(st.binary(max_size=12), min_size=1, max_size=4), rest=any_argvs,
+       cuts=st.lists(st.integers(min_value=0), max_size=6))
+def test_authenticating_after_the_first_command_equals_reading_authenticated(first, rest, cuts):
+    """Rule 7: whatever the chunking, lifting the limits once the first command is out gives
+    the same commands as a reader that never had them."""
+    data = b"".join(encode_request(argv) for argv in [first, *rest])
+    reader = RequestReader(before_auth())
+    out, error = [], None
+    for chunk in split_at(data, cuts):
+        reader.feed(chunk)
+        try:
+            while batch := reader.commands():
+                if not out:
+                    reader.set_limits(FrameLimits())
+                out += batch
+        except ProtocolError as exc:
+            error = exc.message
+            break
+    assert (out, error) == ([first, *rest], None)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.binary(max_size=400), cuts=st.lists(st.integers(min_value=0), max_size=8),
+       pre_auth=st.booleans())
+def test_random_bytes_under_every_limit_give_only_known_outcomes(data, cuts, pre_auth):
+    limits = FrameLimits(max_bulk_bytes=300, max_multibulk_length=20, max_request_bytes=2000,
+                         max_message_bytes=1)
+    limits.max_arg_bytes = 8               # drop bodies above 8 bytes (the floor is for servers)
+    reader = RequestReader(FrameLimits.before_auth_of(limits) if pre_auth else limits)
+    for chunk in split_at(data, cuts):
+        reader.feed(chunk)
+        try:
+            for item in reader.commands():
+                if isinstance(item, list):
+                    assert item and all(type(arg) is bytes for arg in item)
+                    assert len(item) <= 20 and all(len(arg) <= 300 for arg in item)
+                else:
+                    assert item.message.startswith("message too large")
+        except ProtocolError as exc:
+            assert exc.message.startswith("Protocol error: ")
+            return
+    try:
+        assert reader.commands() == []       # whatever is left is a partial command
+    except ProtocolError:
+        assert pre_auth                      # or a frame held back by rule 7, now final
