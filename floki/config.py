@@ -250,6 +250,13 @@ SERVER_KEYS: dict[str, Callable[[str, Any], Any]] = {
 }
 
 
+# Server keys CONFIG SET server.KEY may change on a live server (the shards and the frontend
+# each apply them; `queue.KEY` defaults are changeable too). Everything else needs a restart.
+RUNTIME_KEYS = frozenset({"fsync", "fsync_interval", "maintenance_interval", "max_message_size",
+                          "max_get_count", "log_level", "max_connections",
+                          "max_output_buffer"})
+
+
 def config_from_dict(data: dict[str, Any]) -> ServerConfig:
     """Builds a ServerConfig from a floki.toml mapping. Raises ConfigError."""
     config = ServerConfig()

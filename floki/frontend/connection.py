@@ -113,6 +113,7 @@ class Frontend:
         self.config = config
         self.limits = Limits(config.max_message_size, config.max_get_count)
         self.frame_limits.set_max_message_bytes(config.max_message_size)
+        self.max_output_bytes = config.max_output_buffer
         if key == "log_level":
             logging.getLogger().setLevel(config.log_level.upper())
 

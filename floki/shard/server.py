@@ -31,7 +31,7 @@ import zmq
 
 from floki import __version__, commands, reply, wire
 from floki import requests as rq
-from floki.config import ConfigError, ServerConfig
+from floki.config import RUNTIME_KEYS, ConfigError, ServerConfig
 from floki.errors import (ChannelAlreadyExists, DiskFull, FlokiError, InvalidParameter,
                           QueueAlreadyExists, StorageIOError, WrongShard, to_reply)
 from floki.shard.catalog import Catalog
@@ -45,10 +45,6 @@ MAX_PASS_S = 0.05           # work per pass before replies are sent (see _take_b
 DEADLINE_SLACK = 64
 # What a failed Queue.sync raises: the OSError arrives wrapped as a client-visible error.
 _SYNC_ERRORS = (OSError, DiskFull, StorageIOError)
-# Server settings CONFIG SET server.KEY may change on a live shard.
-RUNTIME_SERVER_KEYS = frozenset({"fsync", "fsync_interval", "maintenance_interval",
-                                 "max_message_size", "max_get_count", "log_level"})
-
 
 class FsyncFailed(Exception):
     """fsync failed in "always" mode: the shard must exit without acknowledging anything."""
@@ -425,7 +421,7 @@ class ShardServer:
 
     def config_set_server(self, request: rq.ConfigSetServer, identity: bytes, request_id: int):
         key = request.key
-        if key not in RUNTIME_SERVER_KEYS and not key.startswith("queue."):
+        if key not in RUNTIME_KEYS and not key.startswith("queue."):
             raise InvalidParameter(f"Invalid CONFIG SET parameter: {key!r} cannot be changed "
                                    "at runtime")
         try:

@@ -190,6 +190,8 @@ def test_info_and_config(r):
     assert error_of(r, "HMGET", "alpha", "c", 6).startswith("IPA Invalid count value")
     assert error_of(r, "CONFIG", "SET", "server.bind", "1.2.3.4:1").startswith("IPA")
     assert json.loads(cmd(r, "CONFIG", "GET", "server")[0])["max_get_count"] == 5
+    assert cmd(r, "CONFIG", "SET", "server.max_connections", "500")   # a frontend-only key
+    assert json.loads(cmd(r, "CONFIG", "GET", "server")[0])["max_connections"] == 500
 
 
 def test_housekeeping_commands(server):

@@ -26,7 +26,8 @@ from floki.config import QueueSettings, ServerConfig
 from floki.routing import shard_for
 from floki.shard.catalog import Catalog
 from floki.shard.queue import Queue
-from floki.shard.server import RUNTIME_SERVER_KEYS, FsyncFailed, ShardServer
+from floki.config import RUNTIME_KEYS
+from floki.shard.server import FsyncFailed, ShardServer
 
 IDENTITY = b"frontend-1"
 REPLY_WAIT_MS = 1000        # a reply that was sent is in the pipe at once; this is a safety net
@@ -822,5 +823,5 @@ def test_config_set_server_log_level_sets_the_root_logger(rig):
 
 def test_runtime_keys_are_server_keys():
     from floki.config import SERVER_KEYS
-    assert RUNTIME_SERVER_KEYS <= set(SERVER_KEYS)
-    assert not {"bind", "data_dir", "shards"} & RUNTIME_SERVER_KEYS
+    assert RUNTIME_KEYS <= set(SERVER_KEYS)
+    assert not {"bind", "data_dir", "shards"} & RUNTIME_KEYS
