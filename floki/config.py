@@ -193,6 +193,8 @@ class ServerConfig:
     tls_key_file: str = ""
     tls_ca_cert_file: str = ""           # CA that signs client certificates
     tls_auth_clients: str = "no"         # no | optional | yes: ask clients for a certificate
+    # Prometheus text format on http://metrics_bind/metrics (frontend/metrics.py); "" = off
+    metrics_bind: str = "127.0.0.1:9798"
     queue: QueueSettings = field(default_factory=QueueSettings)
     # [[shard]] endpoint = "tcp://HOST:PORT" tables: explicit shard endpoints (their count is the
     # shard count); empty: one ipc:// socket per shard under <data_dir>/.run
@@ -247,6 +249,7 @@ SERVER_KEYS: dict[str, Callable[[str, Any], Any]] = {
     "tls_key_file": _parse_str,
     "tls_ca_cert_file": _parse_str,
     "tls_auth_clients": _parse_choice("no", "optional", "yes"),
+    "metrics_bind": lambda k, v: v if v == "" else _parse_hostport(k, v),
 }
 
 

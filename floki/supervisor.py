@@ -91,16 +91,21 @@ class ChildSpec:
         return self.role.value if self.index is None else f"{self.role.value} {self.index}"
 
 
-def child_specs(shard_count: int, common: Sequence[str]) -> list[ChildSpec]:
+def child_specs(shard_count: int, common: Sequence[str],
+                client_bind: str | None = None) -> list[ChildSpec]:
     """Returns the specs of a full set: shards 0..shard_count-1, then one frontend.
 
     `common` is the option list every child gets so it resolves the same configuration
-    (`floki.cli.common_args`).
+    (`floki.cli.common_args`). `client_bind` (HOST:PORT), if given, is the clients' address:
+    the frontend listens there (`--bind`); a shard only reports it (`--client-bind`), since a
+    shard's own `--bind` is the ZeroMQ endpoint it binds, left to its config here.
     """
     base = (sys.executable, "-m", "floki")
-    specs = [ChildSpec(Role.SHARD, i, (*base, "shard", "--index", str(i), *common))
+    shard_extra = ("--client-bind", client_bind) if client_bind is not None else ()
+    frontend_extra = ("--bind", client_bind) if client_bind is not None else ()
+    specs = [ChildSpec(Role.SHARD, i, (*base, "shard", "--index", str(i), *shard_extra, *common))
              for i in range(shard_count)]
-    specs.append(ChildSpec(Role.FRONTEND, None, (*base, "frontend", *common)))
+    specs.append(ChildSpec(Role.FRONTEND, None, (*base, "frontend", *frontend_extra, *common)))
     return specs
 
 
@@ -272,7 +277,7 @@ class Supervisor:
     def from_config(cls, config: ServerConfig, common: Sequence[str]) -> "Supervisor":
         """Returns a supervisor for `config`'s full set of processes (see child_specs)."""
         run_dir = Path(config.data_dir).resolve() / RUN_DIR_NAME
-        return cls(run_dir, child_specs(config.shard_count, common))
+        return cls(run_dir, child_specs(config.shard_count, common, config.bind))
 
     @property
     def state_path(self) -> Path:

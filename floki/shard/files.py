@@ -16,6 +16,7 @@ Layout:
   <data_dir>/<queue>/{queue,channels}.json.prev            previous good checkpoint generation
   <data_dir>/.run/                         runtime files (ipc sockets), never a queue
   <data_dir>/.deleting-<queue>-<token>/    a queue being deleted (renamed first, then removed)
+  <data_dir>/.incoming-<queue>-<token>/    a queue being copied in by `floki rebalance`
 """
 from __future__ import annotations
 
@@ -35,6 +36,7 @@ INDEX_SUFFIX = ".idx"
 TMP_SUFFIX = ".tmp"
 PREVIOUS_SUFFIX = ".prev"           # the previous good generation of a checkpoint file
 DELETING_PREFIX = ".deleting-"      # a queue directory being removed (never a queue name)
+INCOMING_PREFIX = ".incoming-"      # a queue directory being copied in (never a queue name)
 QUEUE_FILE = "queue.json"
 CHANNELS_FILE = "channels.json"
 LOCK_FILE = "LOCK"
@@ -160,6 +162,13 @@ def deleting_dir(data_dir: Path, name: str, token: str) -> Path:
     its files are removed, so a crash never leaves a half-deleted queue under its own name (the
     leading dot keeps it from ever being listed as a queue)."""
     return Path(data_dir) / f"{DELETING_PREFIX}{validate_name(name)}-{token}"
+
+
+def incoming_dir(data_dir: Path, name: str, token: str) -> Path:
+    """Returns `<data_dir>/.incoming-<name>-<token>`: `floki rebalance` copies a queue there
+    from another filesystem, fsyncs it, and only then renames it to `<data_dir>/<name>`, so a
+    crash never leaves a partial copy under the queue's own name."""
+    return Path(data_dir) / f"{INCOMING_PREFIX}{validate_name(name)}-{token}"
 
 
 def run_dir(data_dir: Path) -> Path:

@@ -31,8 +31,12 @@ log = logging.getLogger(__name__)
 EXIT_OK, EXIT_FATAL, EXIT_BOOT = 0, 1, 3
 
 
-def run(config: ServerConfig, index: int) -> int:
-    """Runs shard `index` until signalled. Returns the process exit code."""
+def run(config: ServerConfig, index: int, bind: str | None = None) -> int:
+    """Runs shard `index` until signalled. Returns the process exit code.
+
+    `bind`: the ZeroMQ endpoint to bind (e.g. tcp://0.0.0.0:9800 on a host whose advertised
+    [[shard]] endpoint is tcp://floki-shard-0.floki-shard:9800); default: the shard's endpoint.
+    """
     if not 0 <= index < config.shard_count:
         log.error("shard index %d out of range for %d shards", index, config.shard_count)
         return EXIT_BOOT
@@ -51,7 +55,7 @@ def run(config: ServerConfig, index: int) -> int:
     catalog = Catalog(data_dir, index, config.shard_count, config.queue, config.fsync)
     catalog.open_all()
 
-    endpoint = shard_endpoint(config, index)
+    endpoint = bind if bind is not None else shard_endpoint(config, index)
     context = zmq.Context()
     socket = context.socket(zmq.ROUTER)
     socket.setsockopt(zmq.LINGER, 1000)

@@ -3,9 +3,10 @@ from pathlib import Path
 
 import pytest
 
-from floki.cli import build_parser, common_args, main, resolve_config
+from floki.cli import (build_parser, common_args, index_from_hostname, main, resolve_config,
+                       shard_index)
 from floki.config import ConfigError, ServerConfig
-from floki.supervisor import ExitCode
+from floki.supervisor import ExitCode, Role, child_specs
 
 
 def parse(*argv: str):
@@ -52,14 +53,18 @@ def test_children_resolve_the_same_config_from_any_working_directory(tmp_path, m
     (home / "floki.toml").write_text('[server]\ndata_dir = "./d"\nfsync = "always"\n'
                                      '[queue]\nmessage_timeout = "5s"\n')
     monkeypatch.chdir(home)
-    args = parse("start", "--shards", "3", "--log-level", "warning")
+    args = parse("start", "--shards", "3", "--log-level", "warning", "--log-format", "json",
+                 "--bind", "0.0.0.0:7000")
     config = resolve_config(args)
-    common = common_args(args)
+    # The argv the supervisor really gives each child (floki.supervisor.child_specs).
+    specs = child_specs(config.shard_count, common_args(args), config.bind)
     monkeypatch.chdir(elsewhere)
-    for child_argv in (["shard", "--index", "1", *common], ["frontend", *common]):
-        child = resolve_config(parse(*child_argv))
+    assert [s.role for s in specs] == [Role.SHARD] * 3 + [Role.FRONTEND]
+    for spec in specs:
+        child = resolve_config(parse(*spec.argv[3:]))
         assert child.data_dir == str((home / "d").resolve())
         assert dataclasses.replace(child, data_dir=config.data_dir) == config
+        assert (child.bind, child.log_format) == ("0.0.0.0:7000", "json")
 
 
 def test_common_args_use_absolute_paths_and_a_fixed_shard_count(tmp_path, monkeypatch):
@@ -110,3 +115,68 @@ def test_shard_needs_an_index(capsys):
         main(["shard"])
     assert exit_.value.code == ExitCode.USAGE
     assert "--index" in capsys.readouterr().err
+
+
+def test_shard_bind_is_a_zeromq_endpoint_and_the_client_address_is_client_bind():
+    args = parse("shard", "--index", "2", "--bind", "tcp://0.0.0.0:9800",
+                 "--client-bind", "10.0.0.1:9797")
+    assert (args.shard_bind, args.index) == ("tcp://0.0.0.0:9800", 2)
+    assert resolve_config(args).bind == "10.0.0.1:9797"
+    assert parse("shard", "--index", "0").shard_bind is None
+
+
+@pytest.mark.parametrize("command", ["start", "frontend"])
+def test_start_and_frontend_bind_is_the_client_address(command, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert resolve_config(parse(command, "--bind", "0.0.0.0:6000")).bind == "0.0.0.0:6000"
+
+
+@pytest.mark.parametrize("bind", ["127.0.0.1:9800", "tcp://nohost", "http://x:1"])
+def test_a_shard_bind_that_is_no_endpoint_is_a_boot_error(bind, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["shard", "--index", "0", "--bind", bind]) == ExitCode.BOOT_ERROR
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "'--bind'" in err and "tcp://HOST:PORT" in err
+
+
+def test_index_and_index_from_hostname_exclude_each_other(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        parse("shard", "--index", "1", "--index-from-hostname")
+    assert exit_.value.code == ExitCode.USAGE
+    assert "not allowed with" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("hostname,index", [
+    ("floki-shard-0", 0), ("floki-shard-12", 12), ("floki-shard-3.floki-shard.ns.svc", 3),
+    ("web-7", 7)])
+def test_index_from_hostname_takes_the_trailing_number(hostname, index):
+    assert index_from_hostname(hostname) == index
+    assert shard_index(parse("shard", "--index-from-hostname"), hostname) == index
+
+
+@pytest.mark.parametrize("hostname", ["floki-shard", "floki0", "shard-x", "a-1b", ""])
+def test_a_hostname_without_a_trailing_index_is_a_config_error(hostname):
+    with pytest.raises(ConfigError) as err:
+        index_from_hostname(hostname)
+    assert err.value.key == "--index-from-hostname"
+
+
+def test_an_explicit_index_ignores_the_hostname():
+    assert shard_index(parse("shard", "--index", "4"), "floki-shard-1") == 4
+
+
+def test_log_format_option_overrides_the_file_and_is_checked(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "floki.toml").write_text('[server]\nlog_format = "json"\n')
+    assert resolve_config(parse("start")).log_format == "json"
+    assert resolve_config(parse("start", "--log-format", "text")).log_format == "text"
+    with pytest.raises(ConfigError) as err:
+        resolve_config(parse("start", "--log-format", "xml"))
+    assert err.value.key == "log_format"
+
+
+def test_rebalance_needs_a_config_and_data_dirs(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["rebalance", "/tmp"])
+    assert exit_.value.code == ExitCode.USAGE
+    assert "-c/--config" in capsys.readouterr().err

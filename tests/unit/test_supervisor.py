@@ -200,6 +200,14 @@ def test_child_specs_start_shards_then_one_frontend_with_the_common_options():
     assert [s.name for s in specs] == ["shard 0", "shard 1", "shard 2", "frontend"]
 
 
+def test_child_specs_pass_the_client_address_as_frontend_bind_and_shard_client_bind():
+    # A shard's own --bind is the ZeroMQ endpoint it binds: never the client address.
+    specs = child_specs(2, ["-c", "/etc/floki.toml"], client_bind="0.0.0.0:7000")
+    assert specs[0].argv[3:] == ("shard", "--index", "0", "--client-bind", "0.0.0.0:7000",
+                                 "-c", "/etc/floki.toml")
+    assert specs[2].argv[3:] == ("frontend", "--bind", "0.0.0.0:7000", "-c", "/etc/floki.toml")
+
+
 def test_stop_orphans_leaves_a_reused_pid_alone(tmp_path):
     # A pid in a stale supervisor.json may now belong to someone else: only the pid together
     # with its start time identifies the process that supervisor started.
