@@ -23,8 +23,6 @@ left after --repair; 2 usage error, unreadable data directory, or a queue in use
 from __future__ import annotations
 
 import enum
-import errno
-import fcntl
 import json
 import mmap
 import os
@@ -39,6 +37,7 @@ from typing import Callable, TextIO
 from floki.errors import InvalidParameter
 from floki.names import validate_name
 from floki.shard import checkpoint, fileio, files
+from floki.shard.locks import LockHeld, try_flock
 from floki.shard.queue import FORMAT as CHECKPOINT_FORMAT
 from floki.shard.queue import _valid_channels_file, _valid_queue_file
 from floki.shard.segment import (MAX_SEGMENT_BYTES, NO_RECORD, RECORD_HEADER, RECORD_HEADER_SIZE,
@@ -171,8 +170,8 @@ def check_queue(directory: Path, name: str, *, repair: bool = False) -> QueueRep
     marked). Raises nothing for damage; OSError only for an unreadable directory."""
     directory = Path(directory)
     try:
-        lock_fd = _try_lock(directory)
-    except _InUse:
+        lock_fd = try_flock(files.lock_path(directory))
+    except LockHeld:
         return QueueReport(name, directory, in_use=True)
     try:
         report = _inspect_queue(directory, name)
@@ -185,27 +184,6 @@ def check_queue(directory: Path, name: str, *, repair: bool = False) -> QueueRep
     finally:
         if lock_fd is not None:
             os.close(lock_fd)
-
-
-class _InUse(Exception):
-    """A server holds the queue's LOCK."""
-
-
-def _try_lock(directory: Path) -> int | None:
-    """Returns the fd holding the queue's LOCK, or None when there is no LOCK file (never
-    created here, rule 1). Raises _InUse when a server holds it, OSError."""
-    try:
-        fd = os.open(files.lock_path(directory), os.O_RDONLY | os.O_CLOEXEC)
-    except FileNotFoundError:
-        return None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as exc:
-        os.close(fd)
-        if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-            raise _InUse() from None
-        raise
-    return fd
 
 
 def _apply_repairs(report: QueueReport) -> None:

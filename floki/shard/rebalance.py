@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import enum
 import errno
-import fcntl
 import filecmp
 import os
 import secrets
@@ -41,6 +40,7 @@ from typing import Sequence, TextIO
 from floki.config import ServerConfig
 from floki.routing import shard_for
 from floki.shard import files
+from floki.shard.locks import LockHeld, try_flock
 from floki.supervisor import LOCK_FILE_NAME
 
 EXIT_DONE, EXIT_REFUSED, EXIT_USAGE = 0, 1, 2
@@ -187,8 +187,8 @@ def _same_queue_files(a: Path, b: Path) -> bool:
 def _probe_supervisor_lock(directory: Path, plan: Plan) -> None:
     path = files.run_dir(directory) / SUPERVISOR_LOCK
     try:
-        fd = _try_flock(path)
-    except _LockHeld:
+        fd = try_flock(path)
+    except LockHeld:
         plan.problems.append(f"{directory}: a floki start is running on it ({path} is locked)")
         return
     if fd is not None:
@@ -197,34 +197,13 @@ def _probe_supervisor_lock(directory: Path, plan: Plan) -> None:
 
 def _take_queue_lock(directory: Path, name: str, plan: Plan) -> None:
     try:
-        fd = _try_flock(files.lock_path(directory))
-    except _LockHeld:
+        fd = try_flock(files.lock_path(directory))
+    except LockHeld:
         plan.problems.append(f"queue {name}: in use by a running server "
                              f"({files.lock_path(directory)} is locked); stop it first")
         return
     if fd is not None:
         plan.lock_fds.append(fd)
-
-
-class _LockHeld(Exception):
-    """Another process holds the flock."""
-
-
-def _try_flock(path: Path) -> int | None:
-    """Returns an fd holding `path`'s flock, or None if there is no such file (never created,
-    rule 4). Raises _LockHeld if another process holds it, OSError."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except FileNotFoundError:
-        return None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as exc:
-        os.close(fd)
-        if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-            raise _LockHeld() from None
-        raise
-    return fd
 
 
 # --- doing it -------------------------------------------------------------------------------
