@@ -14,7 +14,13 @@ Rules (the ticket lifecycle):
   4. "Due" ids are handed out before anything new: first the ids restored from a checkpoint
      (they were unacked when it was written), then expired deliveries, oldest deadline first.
   5. Memory is bounded by what is in flight, never by throughput: the deadline heap and the id
-     heap use lazy deletion and are rebuilt when stale entries outnumber live ones.
+     heap use lazy deletion and are rebuilt when stale entries outnumber live ones. Both hold
+     one entry per hand_out() batch (its tickets, or its ids sorted, with a cursor), not one
+     per message: a get of 100 costs two heap pushes.
+  7. Tickets are drawn from a random.Random seeded once per process from os.urandom (again
+     in a forked child): random and unique among the channel's tickets in flight, but not
+     secret; they are no security boundary, and one urandom syscall per ticket cost more than
+     the rest of a delivery.
   6. snapshot() never claims more than is true: every id below `next_id` that is not listed in
      `unacked` has been acked (or was skipped on purpose by seek/purge/retention).
 """
@@ -22,10 +28,14 @@ from __future__ import annotations
 
 import heapq
 import itertools
-import secrets
+import os
+import random
 from collections import deque
 from typing import Any, Iterable, Iterator, Sequence
 
+# Rule 7: where tickets come from (a test may replace it with anything that has getrandbits).
+_ticket_source = random.Random(os.urandom(32))
+os.register_at_fork(after_in_child=lambda: _ticket_source.seed(os.urandom(32)))
 
 
 class Channel:
@@ -41,15 +51,24 @@ class Channel:
         self._flight: dict[int, tuple[int, float]] = {}
         # id -> ticket for the same deliveries: enforces rule 2 and answers "is id in flight"
         self._ticket_of: dict[int, int] = {}
-        # (deadline, seq, ticket): finds expiry without scanning; stale entries skipped lazily
-        self._deadlines: list[tuple[float, int, int]] = []
-        # ids in flight as a min-heap: oldest_unacked() without scanning; lazily cleaned
-        self._id_heap: list[int] = []
+        # (deadline, seq, [tickets, cursor]), one per batch handed out (rule 5): finds expiry
+        # without scanning; tickets no longer live are skipped lazily at the cursor
+        self._deadlines: list[tuple[float, int, list]] = []
+        # (smallest id at the cursor, seq, [sorted ids, cursor]), one per batch: a min-heap for
+        # oldest_unacked() without scanning; ids no longer in flight are skipped lazily
+        self._id_heap: list[tuple[int, int, list]] = []
+        self._heap_entries = 0       # ticket/id slots at or after the cursors of both heaps
         # ids restored from a checkpoint, waiting to be handed out again: [first, last] runs,
         # ascending and disjoint, so 100,000 contiguous unacked ids cost one entry
         self._restored: deque[list[int]] = deque()
         self._restored_count = 0
         self._seq = itertools.count()
+        # Counters for /metrics, since this process opened the channel (Queue.get and
+        # Queue.ack add one batch at a time): every delivery, the redeliveries among them
+        # (expired or restored from a checkpoint), and the acks that ended a delivery.
+        self.messages_delivered = 0
+        self.messages_redelivered = 0
+        self.messages_acked = 0
 
     # --- snapshot / restore ----------------------------------------------------------------------
 
@@ -156,22 +175,34 @@ class Channel:
         """Puts `ids` in flight until now + timeout_s and moves the cursor past the highest one.
 
         Returns one new ticket per id, in the same order.
-        Raises ValueError if an id is already in flight (rule 2: a caller bug).
+        Raises ValueError if an id is already in flight or listed twice (rule 2: a caller bug);
+        nothing changed then.
         """
+        if not ids:
+            return []
+        ticket_of, flight = self._ticket_of, self._flight
+        if len(set(ids)) != len(ids) or any(map(ticket_of.__contains__, ids)):
+            in_flight = next(i for k, i in enumerate(ids) if i in ticket_of or i in ids[:k])
+            raise ValueError(f"channel {self.name!r}: id {in_flight} is already in flight")
         deadline = now + timeout_s
+        draw = _ticket_source.getrandbits
         tickets = []
+        add_ticket = tickets.append
         for id_ in ids:
-            if id_ in self._ticket_of:
-                raise ValueError(f"channel {self.name!r}: id {id_} is already in flight")
-            ticket = self._new_ticket()
-            self._flight[ticket] = (id_, deadline)
-            self._ticket_of[id_] = ticket
-            heapq.heappush(self._deadlines, (deadline, next(self._seq), ticket))
-            heapq.heappush(self._id_heap, id_)
-            if id_ >= self.next_id:
-                self.next_id = id_ + 1
-            tickets.append(ticket)
-        return tickets
+            ticket = draw(63)
+            while not ticket or ticket in flight:
+                ticket = draw(63)
+            flight[ticket] = (id_, deadline)
+            ticket_of[id_] = ticket
+            add_ticket(ticket)
+        seq = next(self._seq)
+        heapq.heappush(self._deadlines, (deadline, seq, [tickets, 0]))
+        ordered = sorted(ids)
+        heapq.heappush(self._id_heap, (ordered[0], seq, [ordered, 0]))
+        self._heap_entries += 2 * len(ids)
+        if ordered[-1] >= self.next_id:
+            self.next_id = ordered[-1] + 1
+        return list(tickets)
 
     def ack(self, tickets: Iterable[int], now: float) -> int:
         """Ends the deliveries named by live, unexpired tickets (rule 3).
@@ -179,25 +210,24 @@ class Channel:
         Returns how many tickets acked something; the rest count 0.
         """
         acked = 0
+        flight, ticket_of = self._flight, self._ticket_of
         for ticket in tickets:
-            entry = self._flight.get(ticket)
-            if entry is None or not now < entry[1]:
+            entry = flight.pop(ticket, None)
+            if entry is None:
                 continue
-            del self._flight[ticket]
-            del self._ticket_of[entry[0]]
-            acked += 1
+            if now < entry[1]:
+                del ticket_of[entry[0]]
+                acked += 1
+            else:
+                flight[ticket] = entry      # expired: taken back by take_due, not by an ack
         if acked:
             self._compact()
         return acked
 
     def next_deadline(self) -> float | None:
         """Returns the earliest deadline among the deliveries in flight, or None."""
-        while self._deadlines:
-            deadline, _, ticket = self._deadlines[0]
-            if self._is_live(deadline, ticket):
-                return deadline
-            heapq.heappop(self._deadlines)
-        return None
+        top = self._live_deadline_top()
+        return None if top is None else top[0]
 
     # --- moving the cursor ------------------------------------------------------------------------
 
@@ -239,12 +269,21 @@ class Channel:
         oldest = self.next_id
         if self._restored:
             oldest = min(oldest, self._restored[0][0])
-        while self._id_heap:
-            id_ = self._id_heap[0]
-            if id_ in self._ticket_of:
-                oldest = min(oldest, id_)
-                break
-            heapq.heappop(self._id_heap)
+        heap, ticket_of = self._id_heap, self._ticket_of
+        while heap:
+            key, seq, batch = heap[0]
+            ids, pos = batch
+            # An id may be in flight again through a later batch: it still counts here.
+            while pos < len(ids) and ids[pos] not in ticket_of:
+                pos += 1
+            self._heap_entries -= pos - batch[1]
+            batch[1] = pos
+            if pos == len(ids):
+                heapq.heappop(heap)
+            elif ids[pos] != key:
+                heapq.heapreplace(heap, (ids[pos], seq, batch))     # re-keyed: look again
+            else:
+                return min(oldest, key)
         return oldest
 
     def unacked_ids(self) -> Iterator[int]:
@@ -255,47 +294,75 @@ class Channel:
 
     # --- internals --------------------------------------------------------------------------------
 
-    def _new_ticket(self) -> int:
-        while True:
-            ticket = secrets.randbits(63)
-            if ticket and ticket not in self._flight:
-                return ticket
-
     def _is_live(self, deadline: float, ticket: int) -> bool:
         entry = self._flight.get(ticket)
         # A ticket value can come back by chance after its delivery ended; the deadline must
         # match too, or a stale heap entry would expire the newer delivery early.
         return entry is not None and entry[1] == deadline
 
-    def _pop_expired(self, now: float) -> int | None:
-        while self._deadlines:
-            deadline, _, ticket = self._deadlines[0]
-            if not self._is_live(deadline, ticket):
-                heapq.heappop(self._deadlines)
-                continue
-            if deadline > now:
-                return None
-            heapq.heappop(self._deadlines)
-            return ticket
+    def _live_deadline_top(self) -> tuple[float, list] | None:
+        """Returns (deadline, batch) of the earliest live delivery, its cursor moved onto its
+        ticket; batches with nothing live left are dropped. None when nothing is in flight."""
+        heap = self._deadlines
+        while heap:
+            deadline, _, batch = heap[0]
+            tickets, pos = batch
+            while pos < len(tickets) and not self._is_live(deadline, tickets[pos]):
+                pos += 1
+            self._heap_entries -= pos - batch[1]
+            batch[1] = pos
+            if pos < len(tickets):
+                return deadline, batch
+            heapq.heappop(heap)
         return None
+
+    def _pop_expired(self, now: float) -> int | None:
+        top = self._live_deadline_top()
+        if top is None or top[0] > now:
+            return None
+        deadline, batch = top
+        ticket = batch[0][batch[1]]
+        batch[1] += 1
+        self._heap_entries -= 1
+        return ticket
 
     def _drop_all(self) -> None:
         self._flight.clear()
         self._ticket_of.clear()
         self._deadlines.clear()
         self._id_heap.clear()
+        self._heap_entries = 0
         self._restored.clear()
         self._restored_count = 0
 
     def _compact(self) -> None:
-        """Rebuilds a heap once its stale entries outnumber the live ones (rule 5)."""
+        """Rebuilds the heaps once their stale slots outnumber the live ones (rule 5): one
+        batch per distinct deadline, and one batch of every id in flight."""
         live = len(self._flight)
-        if len(self._deadlines) > 2 * live + self.heap_slack:
-            self._deadlines = [(d, s, t) for d, s, t in self._deadlines if self._is_live(d, t)]
-            heapq.heapify(self._deadlines)
-        if len(self._id_heap) > 2 * live + self.heap_slack:
-            self._id_heap = list(self._ticket_of)
-            heapq.heapify(self._id_heap)
+        if not live:
+            self._deadlines.clear()
+            self._id_heap.clear()
+            self._heap_entries = 0
+            return
+        if self._heap_entries <= 4 * live + self.heap_slack:
+            return
+        by_deadline: dict[float, list[int]] = {}
+        for ticket, (_id, deadline) in self._flight.items():
+            by_deadline.setdefault(deadline, []).append(ticket)
+        # Per deadline, the old heap order (seq, then cursor) is kept: rule 4 hands the
+        # expired out oldest first, and among equal deadlines in hand-out order.
+        order: dict[int, tuple[int, int]] = {}
+        for _deadline, seq, (tickets, pos) in self._deadlines:
+            for k in range(pos, len(tickets)):
+                # a ticket value drawn again: its live delivery is the later hand-out
+                order[tickets[k]] = max(order.get(tickets[k], (-1, -1)), (seq, k))
+        self._deadlines = [(deadline, next(self._seq),
+                            [sorted(tickets, key=lambda t: order.get(t, (0, 0))), 0])
+                           for deadline, tickets in by_deadline.items()]
+        heapq.heapify(self._deadlines)
+        ids = sorted(self._ticket_of)
+        self._id_heap = [(ids[0], next(self._seq), [ids, 0])]
+        self._heap_entries = 2 * live
 
 
 def _is_int(value: Any) -> bool:

@@ -6,7 +6,11 @@ channels.json: every channel's cursor and unacked ids) and the queue's LOCK.
 Rules:
   1. Ids only grow, across purge, restart, lost checkpoints, torn tails and power loss: an id
      above the durable high-water mark (queue.json) is never handed out; the mark is raised by
-     a block and made durable first. Only a clean close() records the exact next id.
+     a block and made durable first. Only a clean close() records the exact next id, and only
+     the primary queue.json's record of it is trusted: a previous generation (.prev) may be
+     one raise of the mark behind, so ids then continue PREVIOUS_GENERATION_ID_MARGIN above it.
+     The clean flag is cleared on disk before the log changes (first push or purge), not at
+     open, so opening an idle queue after a clean stop writes nothing.
   2. Delivery is at-least-once. A channel restored from a checkpoint is never ahead of what it
      had acked: a bad channels.json falls back to the previous generation (channels.json.prev),
      then to the oldest retained id (full redelivery); a channel is never lost or skipped.
@@ -17,6 +21,10 @@ Rules:
      channels keeps everything (nobody has consumed it). Hard retention ignores channels.
   5. Bodies are read from the Wal for one reply and never kept.
   6. One process per queue: LOCK is flock'ed exclusively (non-blocking) for the Queue's life.
+  7. channels.json also stores the log's durable position (wal.py rule 8), written only after
+     the fsync it describes; it is refreshed with every checkpoint and whenever it lags the
+     last fsync by POSITION_CHECKPOINT_BYTES, so after a crash only the records past it are
+     checked one by one at open.
 """
 from __future__ import annotations
 
@@ -27,21 +35,32 @@ import math
 import os
 import secrets
 import shutil
+from operator import itemgetter
 from pathlib import Path
 from typing import Any, Sequence
 
 from floki.config import ConfigError, QueueSettings
-from floki.errors import ChannelNotFound, InvalidParameter, QueueAlreadyExists, QueueNotFound
+from floki.errors import (ChannelNotFound, FlokiError, InvalidParameter, QueueAlreadyExists,
+                          QueueNotFound)
 from floki.names import validate_name
 from floki.shard import checkpoint, files
 from floki.shard.channel import Channel
 from floki.shard.checkpoint import CheckpointCorrupt
-from floki.shard.wal import Wal
+from floki.shard.segment import MAX_SEGMENT_BYTES, RECORD_HEADER_SIZE, SEGMENT_HEADER_SIZE
+from floki.shard.wal import DurablePosition, Wal
 
 log = logging.getLogger(__name__)
 
 FORMAT = 1                      # queue.json and channels.json "format"
 ID_BLOCK = 65536                # the high-water mark is raised by at least this many ids
+# The most ids one push can hold (a batch never splits and must fit one segment file).
+MAX_BATCH_IDS = (MAX_SEGMENT_BYTES - SEGMENT_HEADER_SIZE) // RECORD_HEADER_SIZE
+# One raise moves the mark from h to at most h + n + max(ID_BLOCK, 2n) for a batch of n ids,
+# so a queue.json generation is never more than this ahead of the one before it (rule 1).
+PREVIOUS_GENERATION_ID_MARGIN = 3 * max(ID_BLOCK, MAX_BATCH_IDS)
+# channels.json is rewritten when the durable log position moved this far since the stored
+# one: the most a restart after a crash re-checks record by record beyond the last fsync.
+POSITION_CHECKPOINT_BYTES = 4 << 20
 
 
 class QueueLocked(Exception):
@@ -70,6 +89,9 @@ class Queue:
         # True once channels.json on disk is known good, so it may become the .prev generation
         self._channels_file_good = False
         self._queue_file_good = False
+        self._clean_on_disk = False             # queue.json on disk records a clean stop
+        self._stored_position: DurablePosition | None = None    # in channels.json on disk
+        self.messages_pushed = 0                # since this process opened it (/metrics)
 
     # --- create / open ----------------------------------------------------------------------
 
@@ -113,7 +135,8 @@ class Queue:
         """Recovers an existing queue: settings and channel names from queue.json, the log from
         its segments, channel positions from channels.json (rule 2), ids per rule 1.
 
-        Returns the open queue, its unclean-stop flag already cleared on disk.
+        Returns the open queue (a clean-stop flag on disk is cleared before the log first
+        changes, rule 1).
         Raises InvalidParameter, QueueNotFound, QueueLocked, UnsupportedQueueFormat,
         CorruptSegment / UnsupportedFormat (unusable segment), DiskFull / StorageIOError.
         """
@@ -133,15 +156,28 @@ class Queue:
     def _recover(self, defaults: QueueSettings) -> None:
         meta = self._read_checkpoint(files.queue_file(self.directory), "queue.json",
                                      _valid_queue_file)
+        meta_is_primary = meta is not None and self._queue_file_good
         positions = self._read_checkpoint(files.channels_file(self.directory), "channels.json",
                                           _valid_channels_file)
         snapshots: dict[str, Any] = positions["channels"] if positions else {}
+        stored_position = DurablePosition.from_dict(positions.get("log")) if positions else None
+        clean_next_id = None
         if meta is not None:
             self.settings = _settings_from(meta.get("settings", {}), defaults, self.name)
             names = list(meta.get("channels", snapshots))
-            clean_next_id = meta.get("clean_next_id")
             self._high_water = meta["id_high_water"]
-            min_next_id = clean_next_id if clean_next_id is not None else self._high_water + 1
+            if meta_is_primary:
+                clean_next_id = meta.get("clean_next_id")
+                min_next_id = (clean_next_id if clean_next_id is not None
+                               else self._high_water + 1)
+            else:
+                # Rule 1: the lost primary may have raised the mark (and ids may have been
+                # handed out above this one, then lost with a torn tail); its clean flag may
+                # be older than pushes since. Skip every id the lost generation could cover.
+                if meta.get("clean_next_id") is not None:
+                    log.error("queue %r: not trusting the clean stop recorded in %s", self.name,
+                              files.previous_path(files.queue_file(self.directory)).name)
+                min_next_id = self._high_water + 1 + PREVIOUS_GENERATION_ID_MARGIN
         else:
             log.error("queue %r: queue.json and its previous generation are unusable: settings "
                       "are the server defaults, channel names come from channels.json, and ids "
@@ -152,20 +188,47 @@ class Queue:
         # An unacked id in a checkpoint was delivered, so it was handed out: never below it.
         min_next_id = max([min_next_id] + [_last_unacked(s) + 1 for s in snapshots.values()])
         self._wal = Wal.open(self.directory, segment_size=self.settings.segment_size,
-                             min_next_id=min_next_id,
-                             clean_stop=meta is not None and clean_next_id is not None)
+                             min_next_id=min_next_id, clean_stop=clean_next_id is not None,
+                             durable=stored_position)
         first_id = self._wal.first_id
         for channel_name in names:
             channel = self._restore_channel(channel_name, snapshots.get(channel_name), first_id)
             if channel is not None:
                 self._channels[channel.name] = channel
+        high_water = self._high_water
         self._high_water = max(self._high_water, self._wal.next_id - 1)
-        # Clears the clean flag before any push, so a crash from now on is detected (rule 1).
-        self._write_queue_file(clean_next_id=None)
-        if not self._channels_file_good or self._dirty:
+        # queue.json is rewritten only when it would say something else than it does: a
+        # clean flag stays until the log first changes (rule 1), so an idle queue's open
+        # costs no fsync.
+        self._clean_on_disk = clean_next_id is not None
+        unchanged = (meta_is_primary and self._high_water == high_water
+                     and meta.get("settings") == self.settings.to_dict()
+                     and meta.get("channels") == sorted(self._channels))
+        if not unchanged:
+            self._write_queue_file(clean_next_id=None)
+        self._stored_position = stored_position if self._channels_file_good else None
+        if not self._channels_file_good or self._dirty or self._stored_position_is_stale():
             self.checkpoint()
         log.info("queue %r opened: ids %d..%d, %d segment(s), %d channel(s)", self.name,
                  first_id, self._wal.next_id - 1, len(self._wal.segments()), len(self._channels))
+
+    def _stored_position_is_stale(self) -> bool:
+        """True when the position in channels.json is ahead of what recovery found durable in
+        the same segment (damage made recovery cut the log below it): it must not survive to
+        a later open. A position behind the log is merely old, and still true."""
+        stored, durable = self._stored_position, self._live_wal().durable
+        return (stored is not None and durable is not None and stored.segment == durable.segment
+                and (stored.offset > durable.offset or stored.end_id > durable.end_id))
+
+    def _position_lag_bytes(self) -> int:
+        """Bytes of the active segment that a restart after a crash would check record by
+        record because channels.json does not yet know they are durable."""
+        durable, stored = self._live_wal().durable, self._stored_position
+        if durable is None:
+            return 0
+        if stored is None or stored.segment != durable.segment:
+            return durable.offset - SEGMENT_HEADER_SIZE
+        return durable.offset - stored.offset
 
     def _restore_channel(self, name: Any, snapshot: Any, first_id: int) -> Channel | None:
         try:
@@ -281,9 +344,13 @@ class Queue:
         """
         wal = self._live_wal()
         last_id = wal.next_id + len(bodies) - 1
-        if last_id > self._high_water:
-            self._raise_high_water(last_id + max(ID_BLOCK, 2 * len(bodies)))
-        return wal.append(bodies, now_ms)
+        if last_id > self._high_water or self._clean_on_disk:
+            # also clears a clean flag left from open before the log changes (rule 1)
+            self._raise_high_water(max(self._high_water,
+                                       last_id + max(ID_BLOCK, 2 * len(bodies))))
+        ids = wal.append(bodies, now_ms)
+        self.messages_pushed += len(bodies)
+        return ids
 
     def _raise_high_water(self, high_water: int) -> None:
         previous = self._high_water
@@ -299,8 +366,17 @@ class Queue:
         return self._live_wal().needs_sync
 
     def sync(self) -> None:
-        """fsyncs everything appended so far. Raises DiskFull / StorageIOError."""
+        """fsyncs everything appended so far; then, if the durable position moved
+        POSITION_CHECKPOINT_BYTES past the stored one, a checkpoint stores it (rule 7; its
+        failure is logged, not raised: it only makes a restart after a crash slower).
+        Raises DiskFull / StorageIOError when the fsync fails."""
         self._live_wal().sync()
+        if self._position_lag_bytes() >= POSITION_CHECKPOINT_BYTES:
+            try:
+                self.checkpoint()
+            except FlokiError as exc:
+                log.warning("queue %r: cannot store the durable log position: %s", self.name,
+                            exc)
 
     # --- get / ack --------------------------------------------------------------------------
 
@@ -331,18 +407,20 @@ class Queue:
                 log.warning("queue %r channel %r: %d redelivery(ies) dropped: message removed "
                             "or unreadable", self.name, channel, len(due) - len(kept))
             tickets = ch.hand_out(kept, now, timeout_s)
+            ch.messages_redelivered += len(kept)
             out.extend((id_, t, bodies[id_]) for id_, t in zip(kept, tickets))
         room = min(count - len(out), cap - ch.in_flight_count)
         stop = self._readable_end()
         if room > 0 and ch.next_id < stop:
             self._dirty = True
             records = wal.read(ch.next_id, room, stop)
-            tickets = ch.hand_out([id_ for id_, _ in records], now, timeout_s)
-            out.extend((id_, t, body) for (id_, body), t in zip(records, tickets))
+            tickets = ch.hand_out(list(map(itemgetter(0), records)), now, timeout_s)
+            out.extend([(id_, t, body) for (id_, body), t in zip(records, tickets)])
             if len(records) < room:
                 # wal.read scanned everything below `stop`: the ids it did not return are
                 # removed, missing or corrupt, and are never served; don't rescan them.
                 ch.advance_to(stop)
+        ch.messages_delivered += len(out)
         return out
 
     def _read_ids(self, ids: Sequence[int]) -> dict[int, bytes]:
@@ -388,6 +466,7 @@ class Queue:
         acked = ch.ack(tickets, now)
         if acked:
             self._dirty = True
+            ch.messages_acked += acked
         return acked
 
     # --- seek / purge -----------------------------------------------------------------------
@@ -426,6 +505,8 @@ class Queue:
         """Drops every message (ids keep growing) and moves every channel to the head.
         Raises DiskFull / StorageIOError."""
         wal = self._live_wal()
+        if self._clean_on_disk:
+            self._write_queue_file(clean_next_id=None)      # before the log changes (rule 1)
         wal.purge()
         for ch in self._channels.values():
             ch.purge(wal.next_id)
@@ -452,7 +533,7 @@ class Queue:
         """One maintenance tick: retention, a checkpoint if channel state changed, and an fsync
         if `fsync_due` in "interval" mode. Raises DiskFull / StorageIOError."""
         self._apply_retention(now_ms)
-        if self._dirty:
+        if self._dirty or self._position_lag_bytes() >= POSITION_CHECKPOINT_BYTES:
             self.checkpoint()
         if fsync_due and self.fsync == "interval":
             self.sync()
@@ -497,10 +578,15 @@ class Queue:
     def checkpoint(self) -> None:
         """Writes channels.json (every cursor and unacked id runs) atomically, keeping the
         previous good file as channels.json.prev. Raises DiskFull / StorageIOError."""
-        self._live_wal()
+        wal = self._live_wal()
+        # Read before writing: the position was made true by an fsync that already returned.
+        position = wal.durable
         data = {"format": FORMAT,
                 "channels": {n: ch.snapshot() for n, ch in sorted(self._channels.items())}}
+        if position is not None:
+            data["log"] = position.to_dict()
         self._replace(files.channels_file(self.directory), data, "_channels_file_good")
+        self._stored_position = position
         self._dirty = False
 
     def _write_queue_file(self, clean_next_id: int | None) -> None:
@@ -508,6 +594,7 @@ class Queue:
                 "id_high_water": self._high_water, "clean_next_id": clean_next_id,
                 "channels": sorted(self._channels)}
         self._replace(files.queue_file(self.directory), data, "_queue_file_good")
+        self._clean_on_disk = clean_next_id is not None
 
     def _replace(self, path: Path, data: dict, good_flag: str) -> None:
         """Replaces a checkpoint file, first keeping the current one (known good) as .prev."""
@@ -527,6 +614,15 @@ class Queue:
             except OSError as exc:
                 log.warning("queue %r: cannot keep %s (%s); writing without a backup",
                             self.name, previous.name, exc)
+                # An older generation must never pass for the one just before the new file
+                # (rule 1 bounds how far the primary is ahead of its .prev).
+                try:
+                    os.unlink(previous)
+                except FileNotFoundError:
+                    pass
+                except OSError as unlink_exc:
+                    log.error("queue %r: cannot remove the stale %s either: %s", self.name,
+                              previous.name, unlink_exc)
         checkpoint.write_json(path, data)
         setattr(self, good_flag, True)
 
@@ -615,6 +711,27 @@ class Queue:
                 name: {"position": ch.next_id, "in_flight": ch.live_in_flight_count(now),
                        "backlog": max(0, head - max(ch.next_id, tail))}
                 for name, ch in sorted(self._channels.items())},
+        }
+
+    def stats(self) -> dict:
+        """Returns the queue's numbers for /metrics (cheap: no scan of the deliveries in
+        flight, unlike info()): messages_pushed, disk_bytes, segments, and per channel its
+        delivered / redelivered / acked counters, backlog (messages at or after its cursor,
+        counted per segment: the ids skipped after a crash are not messages) and in_flight
+        (deliveries not acked, expired ones not yet taken back included)."""
+        wal = self._live_wal()
+        segments = [(s.first_id, s.end_id) for s in wal.segments()]
+        return {
+            "messages_pushed": self.messages_pushed, "disk_bytes": wal.disk_bytes(),
+            "segments": len(segments),
+            "channels": {
+                name: {"messages_delivered": ch.messages_delivered,
+                       "messages_redelivered": ch.messages_redelivered,
+                       "messages_acked": ch.messages_acked,
+                       "backlog": sum(max(0, end - max(first, ch.next_id))
+                                      for first, end in segments),
+                       "in_flight": ch.in_flight_count}
+                for name, ch in self._channels.items()},
         }
 
 

@@ -17,9 +17,15 @@ Rules:
   5. A sealed segment's bytes are never changed: damage there is skipped and counted. Only the
      active (last) segment is truncated, and only at a torn tail.
   6. The .idx file is a hint: appended once per batch, validated at open, rebuilt when wrong.
-  7. After an unclean stop the active segment's records are all checked at open: writes that
-     were never fsynced may reach the disk out of order (a hole, then valid records), and the
-     log must end at the first bad record, never skip one. Sealed segments were fsynced whole.
+  7. After an unclean stop the active segment's records are checked one by one at open from the
+     last durable position the caller knows (else from the header): writes that were never
+     fsynced may reach the disk out of order (a hole, then valid records), and the log must end
+     at the first bad record, never skip one. Records before that position were fsynced, like
+     sealed segments, and are checked when read (rule 1).
+  8. Open is cheap: a stored index is trusted when it starts right after the header and its
+     last entry is a valid record with the right id (one pread); a wrong entry in the middle
+     is found and fixed when read (the run reader never trusts an offset that does not grow),
+     and the fixed index is written back. Only a failed cheap check costs a structural pass.
 """
 from __future__ import annotations
 
@@ -28,8 +34,6 @@ import os
 import struct
 import sys
 from array import array
-from itertools import islice
-from operator import lt
 from pathlib import Path
 
 import crc32c
@@ -108,18 +112,24 @@ def encode_record(id_: int, timestamp_ms: int, body: bytes) -> bytes:
 def encode_batch(first_id: int, timestamp_ms: int, bodies, start_offset: int
                  ) -> tuple[bytes, array]:
     """Returns (bytes of the records for ids first_id.., their absolute offsets) for a batch
-    that will be written at `start_offset`. The caller has checked that it fits the segment."""
-    parts = []
+    that will be written at `start_offset`. The caller has checked that it fits the segment.
+
+    Hot path (one call per push): per record one header pack, one concatenation of the
+    covered header with the body, and ONE crc32c call over it (a call costs more than the
+    bytes it covers at message sizes); the batch is joined once.
+    """
+    parts: list[bytes] = []
     offsets = array("I")
-    pos = start_offset
+    add_part, add_offset = parts.append, offsets.append
     covered_pack, crc_pack, crc = _COVERED_HEADER.pack, _CRC.pack, crc32c.crc32c
-    for i, body in enumerate(bodies):
-        covered = covered_pack(len(body), first_id + i, timestamp_ms)
-        parts.append(crc_pack(crc(body, crc(covered))))
-        parts.append(covered)
-        parts.append(body)
-        offsets.append(pos)
-        pos += RECORD_HEADER_SIZE + len(body)
+    pos, id_ = start_offset, first_id
+    for body in bodies:
+        covered = covered_pack(len(body), id_, timestamp_ms) + body
+        add_part(crc_pack(crc(covered)))
+        add_part(covered)
+        add_offset(pos)
+        pos += CRC_SIZE + len(covered)
+        id_ += 1
     return b"".join(parts), offsets
 
 
@@ -277,7 +287,12 @@ class Segment:
         self.lost_records = 0            # unreadable ids found while rebuilding the index
         self._plausible_entries = 0      # stored index entries that looked structurally sane
         self._index_fd: int | None = None
+        # The .idx file is complete on disk and opened for appending only at the first append,
+        # so an idle queue holds one fd per segment, not two.
+        self._index_deferred = False
         self._index_entries_on_disk = 0
+        # entry -> stored offset of records found corrupt when read (NO_RECORD in memory only)
+        self._marked_corrupt: dict[int, int] = {}
         self._index_stale = False        # the .idx file lags memory after a failed write
         self._tail_dirty = False         # a failed append could not be cut back yet
         self._unsynced = False
@@ -309,12 +324,15 @@ class Segment:
 
     @classmethod
     def open(cls, directory: Path, first_id: int, *, active: bool,
-             check_every_record: bool = False) -> "Segment":
+             check_every_record: bool = False,
+             durable: tuple[int, int] | None = None) -> "Segment":
         """Opens and recovers an existing segment (see log_format.md, "Recovery").
 
         active: the newest segment, which is opened for appending and whose torn tail is cut.
-        check_every_record (active only): ignore the stored index and check every record from
-        the header on, the log ending at the first bad one (rule 7).
+        check_every_record (active only): check every record one by one, the log ending at the
+        first bad one (rule 7): from `durable` = (end_id, offset) when given and it matches the
+        file (ids first_id..end_id-1 were fsynced and end exactly at `offset`), else from the
+        header on.
         Raises CorruptSegment (or a subclass) for a file that cannot be used, OSError.
         """
         path = files.segment_path(directory, first_id)
@@ -335,13 +353,14 @@ class Segment:
             fileio.close(fd)
             raise
         try:
-            segment._recover(file_size, check_every_record and active)
+            segment._recover(file_size, check_every_record and active, durable)
         except BaseException:
             segment.close()
             raise
         return segment
 
-    def _recover(self, file_size: int, check_every_record: bool) -> None:
+    def _recover(self, file_size: int, check_every_record: bool,
+                 durable: tuple[int, int] | None = None) -> None:
         try:
             with open(self.index_path, "rb") as f:
                 raw_index = f.read()
@@ -350,7 +369,8 @@ class Segment:
             log.warning("segment %s: index missing; rebuilding it by scanning", self.path)
         stored = index_from_bytes(raw_index) if raw_index else array("I")
         if check_every_record:
-            trusted = 0                  # rule 7: the scan below checks every record
+            # rule 7: only what the durable position covers is taken from the stored index
+            trusted = 0 if durable is None else self._durable_prefix(stored, file_size, *durable)
         else:
             trusted = self._validate_index(stored, file_size)
             if trusted < len(stored):
@@ -367,35 +387,58 @@ class Segment:
                             "(file was %d bytes, %d records kept)", self.path,
                             file_size - end, end, file_size, len(self.offsets))
                 fileio.ftruncate(self.fd, end)
+                self._unsynced = True
             self.size_bytes = end
         else:
             self._scan(self.data_end, file_size, resync=True)
             self.size_bytes = file_size
         if check_every_record:           # keep the stored entries the scan agrees with
-            trusted = scanned_from = next(
-                (i for i, (a, b) in enumerate(zip(stored, self.offsets)) if a != b),
-                min(len(stored), len(self.offsets)))
+            trusted = scanned_from = _common_prefix(stored, self.offsets)
         index_matches_disk = raw_index is not None and len(raw_index) == trusted * 4
         if len(self.offsets) != scanned_from or not index_matches_disk:
             self._rewrite_index_tail(trusted)
-        elif self.writable:
-            self._open_index_for_append()
+        else:
             self._index_entries_on_disk = len(self.offsets)
+            self._index_deferred = self.writable
         self._load_timestamps()
+
+    def _durable_prefix(self, entries: array, file_size: int, end_id: int, offset: int) -> int:
+        """Returns how many stored entries a durable position covers (ids first_id..end_id-1
+        fsynced, ending at `offset`), and sets data_end; 0 when the position does not match
+        this file and its index exactly (then every record is checked, rule 7). One pread."""
+        n = end_id - self.first_id
+        if n == 0 and offset == SEGMENT_HEADER_SIZE:
+            return 0
+        if (0 < n <= len(entries) and offset <= file_size
+                and entries[0] == SEGMENT_HEADER_SIZE and entries[n - 1] < offset
+                and self._check_record_at(entries[n - 1], end_id - 1, file_size) == offset):
+            self.data_end = offset
+            self._plausible_entries = n
+            return n
+        log.warning("segment %s: the checkpointed durable position (id %d, offset %d) does not "
+                    "match the file (%d bytes, %d index entries); checking every record",
+                    self.path, end_id, offset, file_size, len(entries))
+        return 0
 
     def _validate_index(self, entries: array, file_size: int) -> int:
         """Returns how many leading entries of a stored index can be trusted; sets data_end.
 
-        Cheap by design: a structural pass in C-speed iterators, then one record read for the
-        last entry. Only when that fails, a binary search (damage from a crash is at the end).
+        Cheap by design (rule 8): the first entry and one record read for the last entry. Only
+        when that fails, a structural pass and a binary search (damage from a crash is at the
+        end).
         """
         n = len(entries)
         if n == 0:
             return 0
+        if entries[0] == SEGMENT_HEADER_SIZE and entries[-1] < file_size:
+            # Rule 8: the usual case costs one pread, not a pass over every entry.
+            end = self._check_record_at(entries[-1], self.first_id + n - 1, file_size)
+            if end is not None:
+                self._plausible_entries = n
+                self.data_end = end
+                return n
         checked: dict[int, int | None] = {}
-        if not (entries[0] == SEGMENT_HEADER_SIZE and entries[-1] < file_size
-                and all(map(lt, entries, islice(entries, 1, None)))):
-            n = self._structural_prefix(entries, file_size)
+        n = self._structural_prefix(entries, file_size)
         self._plausible_entries = n
 
         def prefix_ok(k: int) -> int | None:
@@ -547,30 +590,59 @@ class Segment:
             window_start = window_end
         return None
 
-    def _open_index_for_append(self) -> None:
-        self._index_fd = fileio.open(self.index_path, os.O_RDWR | os.O_APPEND | os.O_CREAT
-                                     | os.O_CLOEXEC, 0o644)
-
-    def _rewrite_index_tail(self, keep_entries: int) -> None:
-        """Cuts the .idx file to `keep_entries` and appends the rest of the in-memory index.
-        A read-only or full disk only costs a rebuild at the next open, so errors are logged."""
+    def _open_index_for_append(self) -> bool:
+        """Opens the deferred .idx for appending. Returns False (logged: the index is a hint and
+        is rebuilt at the next open) when it cannot be opened; appends then skip it."""
+        self._index_deferred = False
         try:
-            fd = fileio.open(self.index_path,
-                             os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            self._index_fd = fileio.open(self.index_path, os.O_RDWR | os.O_APPEND | os.O_CREAT
+                                         | os.O_CLOEXEC, 0o644)
         except OSError as exc:
-            log.warning("segment %s: cannot rewrite index: %s", self.path, exc)
-            return
+            log.warning("segment %s: cannot open index for appending (%s); it will be rebuilt "
+                        "at the next open", self.path, exc)
+            return False
+        return True
+
+    def _rewrite_index_tail(self, keep_entries: int, tail: array | None = None) -> None:
+        """Cuts the .idx file to `keep_entries` and appends `tail` (default: the rest of the
+        in-memory index). A read-only or full disk only costs a rebuild at the next open, so
+        errors are logged."""
+        if tail is None:
+            tail = self.offsets[keep_entries:]
+        if self._index_deferred:
+            self._open_index_for_append()
+        fd = self._index_fd
+        if fd is None:
+            try:
+                fd = fileio.open(self.index_path,
+                                 os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            except OSError as exc:
+                log.warning("segment %s: cannot rewrite index: %s", self.path, exc)
+                return
         try:
             fileio.ftruncate(fd, keep_entries * INDEX_ENTRY_SIZE)
-            write_all(fd, index_to_bytes(self.offsets[keep_entries:]))
-            self._index_entries_on_disk = len(self.offsets)
+            write_all(fd, index_to_bytes(tail))
+            self._index_entries_on_disk = keep_entries + len(tail)
         except OSError as exc:
             log.warning("segment %s: cannot rewrite index: %s", self.path, exc)
             self._index_stale = True
         if self.writable:
             self._index_fd = fd
+            self._unsynced = True        # sync() makes the rewritten index durable too
         else:
             fileio.close(fd)
+
+    def _persist_repairs(self, first: int) -> None:
+        """Writes back index entries from `first` on after read() found the records somewhere
+        else than the stored index said (rule 8). Entries marked corrupt by read() keep their
+        stored value on disk, so the next open checks (and counts) those records again."""
+        if self._index_stale or self._index_entries_on_disk < len(self.offsets):
+            return                       # sync() rewrites the whole index anyway
+        tail = self.offsets[first:]
+        for k, stored in self._marked_corrupt.items():
+            if k >= first:
+                tail[k - first] = stored
+        self._rewrite_index_tail(first, tail)
 
     def _load_timestamps(self) -> None:
         first = next((j for j in range(len(self.offsets)) if self.offsets[j] != NO_RECORD),
@@ -624,7 +696,10 @@ class Segment:
         self._append_index(offsets)
 
     def _append_index(self, offsets: array) -> None:
-        if self._index_stale or self._index_fd is None:
+        if self._index_fd is None and not (self._index_deferred and
+                                           self._open_index_for_append()):
+            return
+        if self._index_stale:
             return
         on_disk = self._index_entries_on_disk * INDEX_ENTRY_SIZE
         try:
@@ -644,6 +719,18 @@ class Segment:
     def sync(self, *, force: bool = False) -> None:
         """fsyncs the segment and its index if anything was written since (always with
         force). Raises OSError."""
+        if force and self._index_deferred:
+            # Unchanged since open, but after kill -9 maybe only in the page cache: fsync it
+            # without keeping a descriptor an idle queue would not use.
+            try:
+                fd = fileio.open(self.index_path, os.O_RDONLY | os.O_CLOEXEC)
+            except FileNotFoundError:
+                fd = None          # removed behind our back: rebuilt at the next open
+            if fd is not None:
+                try:
+                    fileio.fsync(fd)
+                finally:
+                    fileio.close(fd)
         if self._index_stale and self._index_fd is not None:
             fileio.ftruncate(self._index_fd, 0)
             write_all(self._index_fd, index_to_bytes(self.offsets))
@@ -661,6 +748,7 @@ class Segment:
         if self._index_fd is not None:
             fileio.close(self._index_fd)
             self._index_fd = None
+        self._index_deferred = False
         self.writable = False
 
     # --- reading ----------------------------------------------------------------------------
@@ -679,51 +767,80 @@ class Segment:
 
         Returns the ids found corrupt during this call; they are marked NO_RECORD in memory so
         they are reported once and skipped afterwards. Raises OSError.
+
+        Hot path: one pread per run of consecutive entries (up to READ_CHUNK_BYTES), records
+        checked and sliced out of that one buffer. The index is a hint (rule 8): a run only
+        extends while offsets grow, and a record that does not check out where its entry says
+        is looked for where the previous one ends (_reread).
         """
         offsets = self.offsets
         first_id = self.first_id
         i = from_id - first_id
         stop = min(i + count, len(offsets))
         corrupt = []
-        unpack, crc = RECORD_HEADER.unpack_from, crc32c.crc32c
+        repaired_from = None
+        unpack, crc, append = RECORD_HEADER.unpack_from, crc32c.crc32c, out.append
+        header_size, data_end = RECORD_HEADER_SIZE, self.data_end
         while i < stop:
             start = offsets[i]
             if start == NO_RECORD:
                 i += 1
                 continue
-            # A run of consecutive readable entries that starts within one chunk: one pread.
-            j = i
-            chunk_end = start + READ_CHUNK_BYTES
-            while j + 1 < stop:
-                following = offsets[j + 1]
-                if following == NO_RECORD or following >= chunk_end:
-                    break
-                j += 1
-            span_end = self._bound_after(j)
-            buf = pread_exact(self.fd, span_end - start, start)
+            # Where the index says the requested records end (NO_RECORD is above data_end).
+            after = offsets[stop] if stop < len(offsets) else data_end
+            if start < after <= min(start + READ_CHUNK_BYTES, data_end):
+                j, span_end = stop - 1, after        # the usual get: all of it in one pread
+            else:
+                # A run of consecutive readable entries that starts within one chunk.
+                j = i
+                last = start
+                # NO_RECORD is never below chunk_end, so `following < chunk_end` skips it.
+                chunk_end = min(start + READ_CHUNK_BYTES, NO_RECORD)
+                while j + 1 < stop:
+                    following = offsets[j + 1]
+                    if not last < following < chunk_end:
+                        break
+                    last = following
+                    j += 1
+                # Rule 2: a read never reaches past data_end, whatever the index says.
+                span_end = min(max(self._bound_after(j), last + header_size), data_end)
+            buf = pread_exact(self.fd, span_end - start, start) if span_end > start else b""
             view = memoryview(buf)
-            size = len(buf)
+            last_header = len(buf) - header_size
+            id_expected = first_id + i
             for k in range(i, j + 1):
                 rel = offsets[k] - start
-                if rel + RECORD_HEADER_SIZE <= size:
+                # 0 <= rel: an index entry is a hint and may point anywhere (rule 8).
+                if 0 <= rel <= last_header:
                     checksum, length, id_, _timestamp = unpack(buf, rel)
-                    end = rel + RECORD_HEADER_SIZE + length
-                    # end <= size bounds a hostile length; the CRC covers the length.
-                    if (id_ == first_id + k and end <= size
+                    end = rel + header_size + length
+                    # end <= len(buf) bounds a hostile length; the CRC covers the length.
+                    if (id_ == id_expected and end <= last_header + header_size
                             and crc(view[rel + CRC_SIZE:end]) == checksum):
-                        out.append((id_, buf[rel + RECORD_HEADER_SIZE:end]))
+                        append((id_, buf[rel + header_size:end]))
+                        id_expected += 1
                         continue
+                stored = offsets[k]
+                if stored == NO_RECORD:             # known unreadable: skipped, not counted
+                    id_expected += 1
+                    continue
                 body = self._reread(k)
                 if body is not None:
-                    out.append((first_id + k, body))
-                    continue
-                corrupt.append(first_id + k)
-                offsets[k] = NO_RECORD
+                    append((id_expected, body))
+                    if offsets[k] != stored and repaired_from is None:
+                        repaired_from = k
+                else:
+                    corrupt.append(id_expected)
+                    self._marked_corrupt[k] = stored
+                    offsets[k] = NO_RECORD
+                id_expected += 1
             view.release()
             i = j + 1
         if corrupt:
             log.error("segment %s: %d corrupt record(s) skipped (ids %d..%d): checksum, "
                       "length or id mismatch", self.path, len(corrupt), corrupt[0], corrupt[-1])
+        if repaired_from is not None:
+            self._persist_repairs(repaired_from)
         return corrupt
 
     def _reread(self, k: int) -> bytes | None:
@@ -833,3 +950,17 @@ def _unlink_quietly(path: Path) -> None:
     except OSError:
         pass
 
+
+def _common_prefix(a: array, b: array) -> int:
+    """Returns the length of the longest common prefix of two index arrays (array equality
+    is a memcmp, so this is a few C-speed comparisons, not a Python loop per entry)."""
+    lo, hi = 0, min(len(a), len(b))
+    if a[:hi] == b[:hi]:
+        return hi
+    while hi - lo > 1:                    # a[:lo] == b[:lo], a[:hi] != b[:hi]
+        mid = (lo + hi) // 2
+        if a[lo:mid] == b[lo:mid]:
+            lo = mid
+        else:
+            hi = mid
+    return lo

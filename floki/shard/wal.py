@@ -19,6 +19,10 @@ Rules:
      error until an fsync succeeds again; the next append, or the next sync() (the shard's
      fsync timer), is that probe. Reads are never refused. A failed write needs no state: the
      batch was cut back, and the next append is its own probe.
+  8. `durable` (a DurablePosition: active segment, byte offset, end id) only moves after the
+     fsync that made it true succeeded, so a checkpoint that stores it is never ahead of the
+     disk. After an unclean stop, open(durable=...) checks records one by one only after it
+     (segment.py rule 7); a position that does not match the files exactly is ignored.
 """
 from __future__ import annotations
 
@@ -36,7 +40,8 @@ from floki.shard.segment import (MAX_SEGMENT_BYTES, RECORD_HEADER_SIZE, SEGMENT_
                                  CorruptSegment, Segment, UnfinishedSegment,
                                  UnsupportedFormat, encode_batch)
 
-__all__ = ["Wal", "WalHealth", "SegmentInfo", "CorruptSegment", "UnsupportedFormat"]
+__all__ = ["Wal", "WalHealth", "SegmentInfo", "DurablePosition", "CorruptSegment",
+           "UnsupportedFormat"]
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +54,31 @@ class SegmentInfo:
     size_bytes: int                    # the .seg file's size
     newest_timestamp_ms: int | None    # None while the segment holds no record
     active: bool                       # the newest segment, the one appends go to
+
+
+@dataclass(frozen=True)
+class DurablePosition:
+    """Where the fsynced part of the active segment ends: every record of segment `segment`
+    with an id below `end_id` is on disk and they end at byte `offset` (rule 8)."""
+    segment: int            # the segment's first id (its name)
+    offset: int             # bytes of the segment file that were fsynced (header included)
+    end_id: int             # one past the last id those bytes hold
+
+    def to_dict(self) -> dict:
+        return {"segment": self.segment, "offset": self.offset, "end_id": self.end_id}
+
+    @classmethod
+    def from_dict(cls, data: object) -> "DurablePosition | None":
+        """Returns the position a checkpoint stored, or None if `data` is not a sane one."""
+        if not isinstance(data, dict):
+            return None
+        values = [data.get(key) for key in ("segment", "offset", "end_id")]
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+            return None
+        segment, offset, end_id = values
+        if not (1 <= segment <= end_id and SEGMENT_HEADER_SIZE <= offset <= MAX_SEGMENT_BYTES):
+            return None
+        return cls(segment, offset, end_id)
 
 
 class WalHealth(enum.Enum):
@@ -77,17 +107,20 @@ class Wal:
         self.health = WalHealth.OK
         self.failure: FlokiError | None = None      # the error that made the log FAILED
         self._append_failing = False                # a write failed; logged once (rule 7)
+        self.durable: DurablePosition | None = None  # set by open() and every sync (rule 8)
 
     # --- open and recovery ------------------------------------------------------------------
 
     @classmethod
     def open(cls, directory: Path, *, segment_size: int, min_next_id: int = 1,
-             clean_stop: bool = False) -> "Wal":
+             clean_stop: bool = False, durable: DurablePosition | None = None) -> "Wal":
         """Opens (creating if needed) the log in `directory` and recovers it.
 
         min_next_id: the queue's durable high-water mark + 1; ids below it are never handed out.
         clean_stop: the log was closed cleanly (all fsynced), so the active segment's index is
-        trusted; otherwise every record of the active segment is checked (segment.py rule 7).
+        trusted and nothing is fsynced at open; otherwise the active segment's records are
+        checked one by one (segment.py rule 7) after `durable`, the last position a checkpoint
+        stored (rule 8), or from its start when there is none or it does not match.
         Returns the Wal, with at least one segment on disk.
         Raises CorruptSegment / UnsupportedFormat naming a segment file that cannot be used,
         StorageIOError / DiskFull for I/O errors.
@@ -103,9 +136,12 @@ class Wal:
             floor = max(min_next_id, 1, ids[-1] if ids else 1)
             need_new_segment = not ids
             if ids:
+                from_position = (None if durable is None or durable.segment != ids[-1]
+                                 else (durable.end_id, durable.offset))
                 try:
                     newest = Segment.open(directory, ids[-1], active=True,
-                                          check_every_record=not clean_stop)
+                                          check_every_record=not clean_stop,
+                                          durable=from_position)
                 except UnfinishedSegment as exc:
                     # A crash while the newest segment was being created: it holds no record.
                     log.warning("%s; removing it and starting a fresh segment", exc)
@@ -125,8 +161,14 @@ class Wal:
                 files.fsync_directory(directory)
             else:
                 # After kill -9 the recovered records may exist only in the page cache; make
-                # them durable before anyone treats them as synced (rule 5).
-                segments[-1].sync(force=True)
+                # them durable before anyone treats them as synced (rule 5). After a clean
+                # stop everything was fsynced: only what recovery itself changed is.
+                active = segments[-1]
+                already_durable = clean_stop or (
+                    durable is not None and durable.segment == active.first_id
+                    and durable.offset == active.size_bytes
+                    and durable.end_id == active.end_id)
+                active.sync(force=not already_durable)
         except BaseException as exc:
             for segment in segments + ([newest] if newest is not None else []):
                 segment.close()
@@ -134,6 +176,7 @@ class Wal:
                 raise files.storage_error(exc, f"open {directory}") from exc
             raise
         wal = cls(directory, segments, segment_size=segment_size, next_id=next_id)
+        wal._note_durable()
         if wal.corrupt_records:
             log.error("queue log %s: %d record(s) unreadable", directory, wal.corrupt_records)
         return wal
@@ -240,6 +283,7 @@ class Wal:
                 log.warning("cannot remove empty segment %s: %s", old.path, exc)
         self._segments.append(new)
         self._first_ids.append(new.first_id)
+        self._note_durable()                 # the new segment's header and name are fsynced
         log.info("queue log %s: new segment %s", self.directory, new.path.name)
         return new
 
@@ -260,10 +304,17 @@ class Wal:
         except OSError as exc:
             raise self._fail(files.storage_error(exc, "sync")) from exc
         self.synced_next_id = self.next_id
+        self._note_durable()
         if failed:
             log.warning("queue log %s: fsync works again; accepting appends (it failed with: "
                         "%s)", self.directory, self.failure)
             self.health, self.failure = WalHealth.OK, None
+
+    def _note_durable(self) -> None:
+        """Records that the active segment is fsynced up to its end (rule 8). Call only right
+        after an fsync that covered it (or at open, once recovery made it durable)."""
+        active = self._segments[-1]
+        self.durable = DurablePosition(active.first_id, active.size_bytes, active.end_id)
 
     def _fail(self, error: FlokiError) -> FlokiError:
         """Makes the log FAILED (rule 7). Returns `error` for the caller to raise."""
@@ -404,6 +455,7 @@ class Wal:
             del self._first_ids[0]
         self._fsync_directory_or_mark("purge")
         self.synced_next_id = self.next_id
+        self._note_durable()
 
     def _fsync_directory_or_mark(self, action: str) -> None:
         try:

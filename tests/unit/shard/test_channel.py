@@ -14,6 +14,17 @@ from floki.shard.channel import Channel
 TIMEOUT = 30.0
 
 
+class FixedDraws:
+    """A ticket source that draws the given values, in order."""
+
+    def __init__(self, values):
+        self.values = iter(values)
+
+    def getrandbits(self, bits: int) -> int:
+        assert bits == 63
+        return next(self.values)
+
+
 def deliver(ch: Channel, ids, now=0.0, timeout=TIMEOUT):
     return dict(zip(ch.hand_out(list(ids), now, timeout), ids))
 
@@ -173,8 +184,7 @@ def test_heaps_stay_bounded_by_in_flight_not_by_throughput():
 
 
 def test_a_ticket_value_drawn_again_is_not_expired_by_its_old_heap_entry(monkeypatch):
-    draws = iter([7, 7])
-    monkeypatch.setattr("floki.shard.channel.secrets.randbits", lambda bits: next(draws))
+    monkeypatch.setattr("floki.shard.channel._ticket_source", FixedDraws([7, 7]))
     ch = Channel("c", 1)
     [t1] = ch.hand_out([1], 0.0, 10.0)
     assert ch.ack([t1], 1.0) == 1
@@ -186,8 +196,7 @@ def test_a_ticket_value_drawn_again_is_not_expired_by_its_old_heap_entry(monkeyp
 
 
 def test_ticket_zero_and_collisions_are_drawn_again(monkeypatch):
-    draws = iter([0, 5, 5, 9])
-    monkeypatch.setattr("floki.shard.channel.secrets.randbits", lambda bits: next(draws))
+    monkeypatch.setattr("floki.shard.channel._ticket_source", FixedDraws([0, 5, 5, 9]))
     ch = Channel("c", 1)
     assert ch.hand_out([1, 2], 0.0, 10.0) == [5, 9]
 

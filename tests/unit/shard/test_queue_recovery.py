@@ -90,13 +90,14 @@ def test_clean_restart_keeps_positions_and_redelivers_only_unacked_first(tmp_pat
     q.close()
     assert queue_json(tmp_path)["clean_next_id"] == 11
     q = reopen(tmp_path)
-    assert queue_json(tmp_path)["clean_next_id"] is None      # cleared before any push
+    assert queue_json(tmp_path)["clean_next_id"] == 11        # an idle open writes nothing
     again = q.get("c", 3, 0.0)
     assert ids_of(again) == [3, 5, 6]                         # due first, new tickets
     assert not {t for _, t, _ in again} & {t for _, t, _ in items}
     assert [b for _, _, b in again] == [b"m3", b"m5", b"m6"]
     assert ids_of(q.get("c", 10, 0.0)) == [7, 8, 9, 10]
     assert q.push([b"n"], T0_MS) == (11, 11)                  # clean stop: no id gap
+    assert queue_json(tmp_path)["clean_next_id"] is None      # cleared before the push
     q.close()
 
 
