@@ -12,6 +12,8 @@ Request  (frontend DEALER -> shard ROUTER): ONE frame
   kind COMMAND: the shard parses argv with floki.commands.parse (it trusts no frontend).
   kind CANCEL:  no args; the client that sent request_id has gone: drop its parked long poll.
   kind PING:    no args; heartbeat, answered with PONG.
+  kind STATS:   no args; the shard's numbers for /metrics, answered with JSON (see
+                ShardServer.stats: pid, start time, counters per queue and channel, histograms).
 Reply    (shard -> frontend): TWO frames [header, payload]
   header: request_id u64 big-endian, status 1 byte; payload separate so large bodies are
   never copied into a header buffer.
@@ -27,11 +29,12 @@ import struct
 COMMAND = b"C"
 CANCEL = b"X"
 PING = b"P"
+STATS = b"S"
 RESP = b"R"
 JSON = b"J"
 PONG = b"O"
 
-_REQUEST_KINDS = (COMMAND, CANCEL, PING)
+_REQUEST_KINDS = (COMMAND, CANCEL, PING, STATS)
 _REPLY_STATUSES = (RESP, JSON, PONG)
 _HEADER = struct.Struct(">Qc")
 _COUNT = struct.Struct("<I")

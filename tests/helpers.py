@@ -112,7 +112,8 @@ class FlokiServer:
     shard endpoints as `shard_endpoints=["tcp://127.0.0.1:PORT", ...]` ([[shard]] tables).
     """
 
-    DEFAULTS: dict[str, Any] = {"shards": 1, "log_level": "info"}
+    # metrics off unless a test asks (with a free port): parallel servers must not share 9798
+    DEFAULTS: dict[str, Any] = {"shards": 1, "log_level": "info", "metrics_bind": ""}
 
     def __init__(self, directory: Path, **overrides: Any):
         self.dir = directory

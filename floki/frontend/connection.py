@@ -28,6 +28,10 @@ Rules:
      read no complete command, owes no reply and wrote no byte since the last sweeps for
      `timeout` seconds. Bytes that never make a command do not count (a slowloris client
      is idle). The per-read cost is one flag; the sweep runs only when a timeout is set.
+  8. Every command that parses is timed for /metrics (metrics.CommandTimes) from the read
+     that completed it to its reply being ready (so a pipelined command's wait behind the
+     ones before it counts): one clock read per read and one per reply, one dict lookup and
+     one bisect per command. Long polls are not timed (they wait by design), nor are errors.
 """
 from __future__ import annotations
 
@@ -39,6 +43,7 @@ import os
 import socket
 import time
 from collections import deque
+from time import perf_counter as _perf_counter
 from typing import Any
 
 from floki import __version__, wire
@@ -49,6 +54,7 @@ from floki.errors import (Denied, FlokiError, InternalError, InvalidParameter, N
                           ProtocolError, TooManyClients, is_fatal, to_reply)
 from floki.frontend import access, fanout
 from floki.frontend.handlers import Session, answer
+from floki.frontend.metrics import CommandTimes
 from floki.frontend.resp import FrameLimits, RequestReader
 from floki.requests import FANOUT_REQUESTS
 from floki.routing import shard_for
@@ -85,6 +91,7 @@ class Frontend:
         self.connections: set[Connection] = set()
         self.started_s = time.monotonic()
         self._client_ids = itertools.count(1)
+        self.command_times = CommandTimes()        # rule 8
 
     def next_client_id(self) -> int:
         return next(self._client_ids)
@@ -121,7 +128,8 @@ class Frontend:
 class _Slot:
     """The place of one command's reply in its connection's output order."""
 
-    __slots__ = ("conn", "reply", "close", "request_id", "fanout", "long_poll")
+    __slots__ = ("conn", "reply", "close", "request_id", "fanout", "long_poll", "timer",
+                 "started_s")
 
     def __init__(self, conn: Connection):
         self.conn = conn
@@ -130,12 +138,17 @@ class _Slot:
         self.request_id = 0                 # the shard request answering it (0: none)
         self.fanout: _FanOut | None = None
         self.long_poll = False              # an HMGET that may wait at the shard
+        self.timer = None                   # its command's latency Histogram (rule 8)
+        self.started_s = 0.0                # perf_counter() at the read that completed it
 
     def shard_replied(self, status: bytes, payload: bytes) -> None:
         if status == wire.JSON:             # a shard bug: never write JSON to a client
             log.error("shard answered a queue command with JSON: %r", payload[:200])
             payload = to_reply(InternalError())
         self.reply = payload
+        timer = self.timer
+        if timer is not None:
+            timer.observe(_perf_counter() - self.started_s)
         self.conn._slot_done(self)
 
 
@@ -169,6 +182,8 @@ class Connection(asyncio.Protocol):
         self._transport: asyncio.Transport | None = None
         self._reader = RequestReader(frontend.frame_limits if frontend.password is None
                                      else frontend.before_auth_limits)    # rule 6
+        self._command_times = frontend.command_times.by_name               # rule 8
+        self._read_s = 0.0             # perf_counter() at the read being executed (rule 8)
         self._slots: deque[_Slot] = deque()
         self.session: Session | None = None
         self._closing = False          # QUIT, fatal error, EOF or shutdown: read no commands
@@ -232,6 +247,7 @@ class Connection(asyncio.Protocol):
                     break
                 if not batch:
                     break
+                self._read_s = _perf_counter()
                 self._active = True
                 execute = (self._execute if self.session.authenticated
                            else self._execute_before_auth)
@@ -291,16 +307,26 @@ class Connection(asyncio.Protocol):
         try:
             if argv.__class__ is not list:
                 raise argv                 # refused by the reader (an oversized argument)
+            started_s = self._read_s
             request = parse(argv, self._frontend.limits)
+            # parse() knows the name, so a miss is a mixed-case spelling (rule 8)
+            timer = self._command_times.get(argv[0]) or self._command_times[argv[0].upper()]
             queue = getattr(request, "queue", None)
             if queue is not None:
-                slot.long_poll = getattr(request, "timeout_s", 0) > 0
+                if getattr(request, "timeout_s", 0) > 0:
+                    slot.long_poll = True
+                else:
+                    slot.timer = timer
+                    slot.started_s = started_s
                 slot.request_id = self._router.send(
                     shard_for(queue, self._frontend.shard_count), argv, slot.shard_replied)
             elif type(request) in _FANOUT_TYPES:
+                slot.timer = timer
+                slot.started_s = started_s
                 self._fan_out(slot, request, argv)
             else:
                 slot.reply = answer(request, self.session)
+                timer.observe(_perf_counter() - started_s)
                 if self.session.quit:
                     slot.close = self._closing = True
         except Exception as exc:
@@ -334,6 +360,8 @@ class Connection(asyncio.Protocol):
             slot.reply = fanout.merge(fan.request, fan.parts, self._frontend, fan.protover)
         except Exception as exc:
             self._fail(slot, exc)
+        else:
+            slot.timer.observe(_perf_counter() - slot.started_s)
         self._slot_done(slot)
 
     def _fail(self, slot: _Slot, exc: BaseException, argv: list[bytes] | None = None) -> None:

@@ -18,6 +18,8 @@ Rules:
      listeners share the connections, their limit and every other rule.
   6. With `timeout`, Frontend.sweep_idle runs IDLE_SWEEPS_PER_TIMEOUT times per timeout (at most
      every IDLE_SWEEP_MAX_S), so an idle client is closed within a sweep of its deadline.
+  7. With `metrics_bind`, GET /metrics is served there (floki/frontend/metrics.py) once the
+     client listener is up; a port in use is retried, an unusable address is a boot error.
 """
 from __future__ import annotations
 
@@ -30,6 +32,7 @@ import signal
 from floki.config import ConfigError, ServerConfig, shard_endpoint
 from floki.frontend import access
 from floki.frontend.connection import Connection, Frontend
+from floki.frontend.metrics import Metrics, MetricsServer
 from floki.frontend.router import Router, ShardState
 from floki.supervisor import ExitCode
 
@@ -91,10 +94,12 @@ class _Stopper:
             self._timer.cancel()
 
 
-async def serve(config: ServerConfig, ready: asyncio.Future | None = None) -> int:
+async def serve(config: ServerConfig, ready: asyncio.Future | None = None,
+                metrics_ready: asyncio.Future | None = None) -> int:
     """Runs the frontend on the running loop until stopped. Returns the exit code.
 
-    `ready`, if given, receives the listening (host, port) once clients can connect.
+    `ready`, if given, receives the listening (host, port) once clients can connect;
+    `metrics_ready` the MetricsServer (None when metrics_bind is "") right before.
     """
     loop = asyncio.get_running_loop()
     tls = None
@@ -113,6 +118,7 @@ async def serve(config: ServerConfig, ready: asyncio.Future | None = None) -> in
     router.start(loop)
     frontend = Frontend(config, router, loop)
     servers: list[asyncio.Server] = []
+    metrics_server: MetricsServer | None = None
     sweeper: asyncio.TimerHandle | None = None
 
     def sweep_idle(interval_s: float) -> None:
@@ -155,6 +161,17 @@ async def serve(config: ServerConfig, ready: asyncio.Future | None = None) -> in
                  router.shard_count, config.max_connections,
                  ", password required" if config.requirepass else "",
                  ", protected mode" if frontend.protected else "")
+        if config.metrics_bind:                                 # rule 7
+            metrics_server = MetricsServer(
+                Metrics(config, router, frontend.connections, frontend.command_times),
+                config.metrics_bind)
+            try:
+                await metrics_server.start()
+            except OSError as exc:
+                log.error("cannot serve metrics on %s: %s", config.metrics_bind, exc)
+                return ExitCode.BOOT_ERROR
+        if metrics_ready is not None and not metrics_ready.done():
+            metrics_ready.set_result(metrics_server)
         if config.timeout > 0:
             interval_s = min(max(config.timeout / IDLE_SWEEPS_PER_TIMEOUT, IDLE_SWEEP_MIN_S),
                              IDLE_SWEEP_MAX_S)
@@ -165,6 +182,8 @@ async def serve(config: ServerConfig, ready: asyncio.Future | None = None) -> in
         await stopper.should_exit.wait()
         for server in servers:
             server.close()                                  # accept no one else
+        if metrics_server is not None:
+            metrics_server.close()
         forced = await _drain_connections(loop, frontend, stopper)
         log.info("frontend stopped%s", " (forced)" if forced else "")
         return ExitCode.FATAL if forced else ExitCode.OK
@@ -174,6 +193,8 @@ async def serve(config: ServerConfig, ready: asyncio.Future | None = None) -> in
             sweeper.cancel()
         for server in servers:
             server.close()
+        if metrics_server is not None:
+            metrics_server.close()
         for conn in list(frontend.connections):
             conn.abort()
         router.close()

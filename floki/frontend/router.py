@@ -153,8 +153,10 @@ class Router:
         """Number of requests waiting for a reply."""
         return len(self._pending)
 
-    def send(self, index: int, argv: list[bytes], on_reply: OnReply) -> int:
+    def send(self, index: int, argv: list[bytes], on_reply: OnReply,
+             kind: bytes = wire.COMMAND) -> int:
         """Sends client `argv` to shard `index`; `on_reply(status, payload)` gets the answer.
+        `kind` wire.STATS sends that request instead (argv unused).
 
         Returns the request id (for `cancel`). If the shard is down, `on_reply` is called before
         this returns, with status UNAVAILABLE and a ShardUnavailable error as payload.
@@ -163,7 +165,7 @@ class Router:
         request_id = next(self._ids)
         if shard.state is ShardState.UP:
             try:
-                _send_message(shard.socket, wire.encode_request(request_id, wire.COMMAND, argv))
+                _send_message(shard.socket, wire.encode_request(request_id, kind, argv))
             except zmq.ZMQError as exc:
                 # IMMEDIATE=1: EAGAIN means no live connection to the shard any more.
                 self._mark_down(shard, f"send failed ({exc})")
@@ -188,7 +190,8 @@ class Router:
             except zmq.ZMQError:
                 pass                  # the shard is gone: nothing parked there any more
 
-    async def call(self, index: int, argv: list[bytes]) -> tuple[bytes, bytes]:
+    async def call(self, index: int, argv: list[bytes],
+                   kind: bytes = wire.COMMAND) -> tuple[bytes, bytes]:
         """Returns (status, payload) for `argv` sent to shard `index` (a coroutine form of
         `send`; a cancelled caller cancels the request)."""
         future = self._loop.create_future()
@@ -197,7 +200,7 @@ class Router:
             if not future.done():
                 future.set_result((status, payload))
 
-        request_id = self.send(index, argv, on_reply)
+        request_id = self.send(index, argv, on_reply, kind)
         try:
             return await future
         finally:

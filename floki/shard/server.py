@@ -14,6 +14,9 @@ Rules:
      its deadline passes (empty array), or dropped when the frontend cancels it (client gone),
      so a vanished client never swallows messages.
   4. Every handler is in HANDLERS, keyed by request type; errors become replies via errors.py.
+  5. STATS (wire.py) is answered with `stats()`, the numbers the frontend's /metrics shows: built
+     from counters the queues keep as plain ints, so a scrape costs no scan of anything in
+     flight. Counters start at 0 with the process; `start_time_s` tells a new life.
 """
 from __future__ import annotations
 
@@ -34,6 +37,7 @@ from floki import requests as rq
 from floki.config import RUNTIME_KEYS, ConfigError, ServerConfig
 from floki.errors import (ChannelAlreadyExists, DiskFull, FlokiError, InvalidParameter,
                           QueueAlreadyExists, StorageIOError, WrongShard, to_reply)
+from floki.histogram import Histogram
 from floki.shard.catalog import Catalog
 
 log = logging.getLogger(__name__)
@@ -45,6 +49,10 @@ MAX_PASS_S = 0.05           # work per pass before replies are sent (see _take_b
 DEADLINE_SLACK = 64
 # What a failed Queue.sync raises: the OSError arrives wrapped as a client-visible error.
 _SYNC_ERRORS = (OSError, DiskFull, StorageIOError)
+# Upper bounds of the fsync latency histogram's buckets (seconds): a local SSD's fsync is well
+# under a millisecond, a busy disk or network volume's can take seconds.
+FSYNC_BUCKETS_S = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
+                   0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 class FsyncFailed(Exception):
     """fsync failed in "always" mode: the shard must exit without acknowledging anything."""
@@ -83,6 +91,7 @@ class ShardServer:
         now = time.monotonic()
         self.timers = _Timers(now + config.maintenance_interval, now + config.fsync_interval)
         self.started = time.time()
+        self.fsync_seconds = Histogram(FSYNC_BUCKETS_S)   # Queue.sync() calls that fsynced
         self.handlers: dict[type, Callable] = {
             rq.Push: self.push, rq.Get: self.get, rq.Ack: self.ack,
             rq.SeekId: self.seek_id, rq.SeekTimestamp: self.seek_timestamp,
@@ -143,6 +152,8 @@ class ShardServer:
             self._send(identity, request_id, wire.PONG, self._status())
         elif kind == wire.CANCEL:
             self._cancel(identity, request_id)
+        elif kind == wire.STATS:
+            self._send(identity, request_id, wire.JSON, _json(self.stats()))
         else:
             self._execute(identity, request_id, args)
 
@@ -175,7 +186,7 @@ class ShardServer:
                 queue = self.catalog.queues.get(name)
                 if queue is not None and queue.needs_sync:
                     try:
-                        queue.sync()
+                        self._sync(queue)
                     except _SYNC_ERRORS as exc:
                         raise FsyncFailed(f"queue {name!r}: {exc}") from exc
         self._flush_outbox()
@@ -183,6 +194,12 @@ class ShardServer:
         for name in appended:
             self._wake_queue(name, now)
         self._flush_outbox()
+
+    def _sync(self, queue) -> None:
+        """queue.sync(), timed into the fsync histogram. Raises what queue.sync raises."""
+        started = time.perf_counter()
+        queue.sync()
+        self.fsync_seconds.observe(time.perf_counter() - started)
 
     def _flush_outbox(self) -> None:
         outbox, self.outbox = self.outbox, []
@@ -202,7 +219,7 @@ class ShardServer:
             for queue in self.catalog:
                 if queue.needs_sync:
                     try:
-                        queue.sync()
+                        self._sync(queue)
                     except _SYNC_ERRORS:
                         log.exception("queue %r: fsync failed", queue.name)
         if now >= timers.next_maintenance:
@@ -447,6 +464,18 @@ class ShardServer:
         self.timers.next_fsync = min(self.timers.next_fsync, now + config.fsync_interval)
         self.timers.next_maintenance = min(self.timers.next_maintenance,
                                            now + config.maintenance_interval)
+
+    def stats(self) -> dict:
+        """Returns this shard's numbers for /metrics (rule 5): index, pid, start_time_s (Unix
+        seconds this process started serving), blocked_clients (parked long polls),
+        broken_queues (count), fsync_seconds (Histogram.to_dict) and, per queue, Queue.stats()."""
+        return {
+            "index": self.index, "pid": os.getpid(), "start_time_s": self.started,
+            "version": __version__, "blocked_clients": self.parked_count,
+            "broken_queues": len(self.catalog.broken),
+            "fsync_seconds": self.fsync_seconds.to_dict(),
+            "queues": {name: queue.stats() for name, queue in self.catalog.queues.items()},
+        }
 
     def _status(self) -> bytes:
         return _json({"index": self.index, "pid": os.getpid(),

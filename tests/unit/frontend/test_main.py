@@ -22,7 +22,8 @@ REPO = Path(__file__).resolve().parents[3]
 
 def make_config(ipc_dir, **overrides):
     (ipc_dir / ".run").mkdir(exist_ok=True)
-    values = dict(bind="127.0.0.1:0", data_dir=str(ipc_dir), shards=2, shard_timeout=0.5)
+    values = dict(bind="127.0.0.1:0", data_dir=str(ipc_dir), shards=2, shard_timeout=0.5,
+                  metrics_bind="")    # metrics are tested in test_metrics.py on free ports
     values.update(overrides)
     return ServerConfig(**values)
 
