@@ -703,13 +703,13 @@ class Queue:
         id), segments, disk_usage (bytes), corrupt_records, and per channel its position (next
         id it reads), in_flight (unexpired deliveries) and backlog (messages not yet read)."""
         wal = self._live_wal()
-        head, tail = wal.next_id, wal.first_id
+        segments = wal.segments()
         return {
-            "head": head, "tail": tail, "segments": len(wal.segments()),
+            "head": wal.next_id, "tail": wal.first_id, "segments": len(segments),
             "disk_usage": wal.disk_bytes(), "corrupt_records": wal.corrupt_records,
             "channels": {
                 name: {"position": ch.next_id, "in_flight": ch.live_in_flight_count(now),
-                       "backlog": max(0, head - max(ch.next_id, tail))}
+                       "backlog": _backlog(segments, ch.next_id)}
                 for name, ch in sorted(self._channels.items())},
         }
 
@@ -720,7 +720,7 @@ class Queue:
         counted per segment: the ids skipped after a crash are not messages) and in_flight
         (deliveries not acked, expired ones not yet taken back included)."""
         wal = self._live_wal()
-        segments = [(s.first_id, s.end_id) for s in wal.segments()]
+        segments = wal.segments()
         return {
             "messages_pushed": self.messages_pushed, "disk_bytes": wal.disk_bytes(),
             "segments": len(segments),
@@ -728,14 +728,19 @@ class Queue:
                 name: {"messages_delivered": ch.messages_delivered,
                        "messages_redelivered": ch.messages_redelivered,
                        "messages_acked": ch.messages_acked,
-                       "backlog": sum(max(0, end - max(first, ch.next_id))
-                                      for first, end in segments),
+                       "backlog": _backlog(segments, ch.next_id),
                        "in_flight": ch.in_flight_count}
                 for name, ch in self._channels.items()},
         }
 
 
 # --- helpers ------------------------------------------------------------------------------------
+
+def _backlog(segments: Sequence, position: int) -> int:
+    """Messages at or after `position`, counted per segment: the ids a crash skipped (the
+    high-water mark's gap between segments) are not messages."""
+    return sum(max(0, seg.end_id - max(seg.first_id, position)) for seg in segments)
+
 
 def _lock(directory: Path, name: str) -> int:
     """Takes the queue's LOCK. Returns its fd. Raises QueueLocked, StorageIOError."""

@@ -390,3 +390,18 @@ def test_lost_queue_file_and_channel_checkpoint_above_disk_ids_never_reuses_deli
     q = reopen(tmp_path)
     assert q.push([b"new"], T0_MS)[0] >= 6              # 4 and 5 were delivered: not reused
     q.close()
+
+
+def test_info_backlog_after_a_crash_counts_messages_not_the_skipped_ids(tmp_path):
+    q = Queue.create(tmp_path, "gap", QueueSettings(), "interval")
+    q.create_channel("c")
+    q.push([b"a", b"b", b"c"], 1_700_000_000_000)
+    q.checkpoint()
+    crash(q)
+    q = Queue.open(tmp_path, "gap", QueueSettings(), "interval")
+    first, _ = q.push([b"d", b"e"], 1_700_000_000_001)
+    assert first > 4                         # ids jumped past the reserved block: a gap
+    info = q.info(0.0)["channels"]["c"]
+    assert info["backlog"] == 5               # 3 before the crash + 2 after, not the gap
+    assert q.stats()["channels"]["c"]["backlog"] == 5
+    q.close()
