@@ -261,17 +261,7 @@ class Wal:
             except OSError as exc:
                 raise self._fail(files.storage_error(exc, "sync")) from exc
             self.synced_next_id = max(self.synced_next_id, old.end_id)
-        try:
-            new = Segment.create(self.directory, self.next_id, _now_ms())
-        except OSError as exc:
-            raise files.storage_error(exc, "start a new segment") from exc
-        try:
-            files.fsync_directory(self.directory)
-        except OSError as exc:
-            new.close()
-            _unlink_missing_ok(new.path)
-            _unlink_missing_ok(new.index_path)
-            raise files.storage_error(exc, "start a new segment") from exc
+        new = self._create_durable_segment("start a new segment")
         old.seal()
         if old_is_empty:
             try:
@@ -285,6 +275,23 @@ class Wal:
         self._first_ids.append(new.first_id)
         self._note_durable()                 # the new segment's header and name are fsynced
         log.info("queue log %s: new segment %s", self.directory, new.path.name)
+        return new
+
+    def _create_durable_segment(self, action: str) -> Segment:
+        """Creates the segment named next_id and fsyncs the directory, so its name survives a
+        power loss before any record lands in it. On failure nothing of it is left.
+        Raises DiskFull / StorageIOError (naming `action`)."""
+        try:
+            new = Segment.create(self.directory, self.next_id, _now_ms())
+        except OSError as exc:
+            raise files.storage_error(exc, action) from exc
+        try:
+            files.fsync_directory(self.directory)
+        except OSError as exc:
+            new.close()
+            _unlink_missing_ok(new.path)
+            _unlink_missing_ok(new.index_path)
+            raise files.storage_error(exc, action) from exc
         return new
 
     def sync(self) -> None:
@@ -433,16 +440,9 @@ class Wal:
                 # Sealed segments are fsynced whole (segment.py rule 7), even one about to go:
                 # a power loss may bring it back if its removal was not yet durable.
                 active.sync()
-                new = Segment.create(self.directory, self.next_id, _now_ms())
             except OSError as exc:
                 raise files.storage_error(exc, "purge") from exc
-            try:
-                files.fsync_directory(self.directory)
-            except OSError as exc:
-                new.close()
-                _unlink_missing_ok(new.path)
-                _unlink_missing_ok(new.index_path)
-                raise files.storage_error(exc, "purge") from exc
+            new = self._create_durable_segment("purge")
             active.seal()
             self._segments.append(new)
             self._first_ids.append(new.first_id)
