@@ -1,9 +1,9 @@
 """Advisory locks (flock) that say a process owns a queue directory or a data directory.
 
-Owns: taking an existing lock file without blocking, for the offline tools (floki check,
-floki rebalance) that must refuse to touch what a running server holds.
-Rule: a lock file is never created here (an offline tool leaves no trace); a missing file means
-nobody ever held it.
+Owns: taking a lock without blocking (`hold`), for a queue's LOCK (queue.py) and for the
+offline tools (floki check, floki rebalance) that must refuse to touch what a server holds.
+Rule: try_flock never creates a lock file (an offline tool leaves no trace); a missing file
+means nobody ever held it.
 """
 from __future__ import annotations
 
@@ -17,13 +17,9 @@ class LockHeld(Exception):
     """Another process holds the flock."""
 
 
-def try_flock(path: Path) -> int | None:
-    """Returns an fd holding `path`'s exclusive flock (close it to release), or None if the file
-    does not exist. Raises LockHeld if another process holds it, OSError."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except FileNotFoundError:
-        return None
+def hold(fd: int) -> int:
+    """Takes the exclusive flock of the open file `fd` without blocking. Returns `fd`.
+    On failure `fd` is closed. Raises LockHeld if another process holds it, OSError."""
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as exc:
@@ -32,3 +28,13 @@ def try_flock(path: Path) -> int | None:
             raise LockHeld() from None
         raise
     return fd
+
+
+def try_flock(path: Path) -> int | None:
+    """Returns an fd holding `path`'s exclusive flock (close it to release), or None if the file
+    does not exist. Raises LockHeld if another process holds it, OSError."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    return hold(fd)

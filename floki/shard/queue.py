@@ -28,8 +28,6 @@ Rules:
 """
 from __future__ import annotations
 
-import errno
-import fcntl
 import logging
 import math
 import os
@@ -43,7 +41,7 @@ from floki.config import ConfigError, QueueSettings
 from floki.errors import (ChannelNotFound, FlokiError, InvalidParameter, QueueAlreadyExists,
                           QueueNotFound)
 from floki.names import validate_name
-from floki.shard import checkpoint, files
+from floki.shard import checkpoint, files, locks
 from floki.shard.channel import Channel
 from floki.shard.checkpoint import CheckpointCorrupt
 from floki.shard.segment import MAX_SEGMENT_BYTES, RECORD_HEADER_SIZE, SEGMENT_HEADER_SIZE
@@ -749,14 +747,12 @@ def _lock(directory: Path, name: str) -> int:
     except OSError as exc:
         raise files.storage_error(exc, "open LOCK") from exc
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return locks.hold(fd)
+    except locks.LockHeld:
+        raise QueueLocked(f"queue {name!r} is in use by another process "
+                          f"({files.lock_path(directory)} is locked)") from None
     except OSError as exc:
-        os.close(fd)
-        if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-            raise QueueLocked(f"queue {name!r} is in use by another process "
-                              f"({files.lock_path(directory)} is locked)") from None
         raise files.storage_error(exc, "lock") from exc
-    return fd
 
 
 def _holds_a_queue(directory: Path) -> bool:
