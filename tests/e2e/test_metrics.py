@@ -6,10 +6,10 @@ import time
 import urllib.request
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from floki.routing import shard_for
 from helpers import free_port
+from unit.frontend.test_metrics import parse, value
 
 MESSAGE_TIMEOUT_S = 0.3
 
@@ -20,15 +20,7 @@ def scrape(server) -> dict[str, dict]:
         assert r.status == 200
         assert r.headers["Content-Type"].startswith("text/plain; version=0.0.4")
         text = r.read().decode()
-    out: dict[str, dict] = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            out.setdefault(sample.name, {})[frozenset(sample.labels.items())] = sample.value
-    return out
-
-
-def value(samples: dict, name: str, **labels) -> float | None:
-    return samples.get(name, {}).get(frozenset(labels.items()))
+    return parse(text)
 
 
 def queue_on(shard: int, shards: int) -> str:
