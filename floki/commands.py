@@ -23,6 +23,7 @@ from floki.names import validate_name
 
 MAX_TIMEOUT_S = 365 * 86400.0
 _INTEGER = re.compile(rb"-?[0-9]{1,20}\Z")
+_TICKETS = re.compile(rb"-?[0-9]{1,20}(?:,-?[0-9]{1,20})*\Z")
 
 
 @dataclass(frozen=True)
@@ -66,10 +67,10 @@ def _text(raw: bytes) -> str:
 
 def _parse_rpush(argv: list[bytes], limits: Limits) -> rq.Push:
     bodies = tuple(argv[2:])
-    for body in bodies:
-        if len(body) > limits.max_message_size:
-            raise MessageTooLarge(f"message too large ({len(body)} bytes, "
-                                  f"max_message_size is {limits.max_message_size})")
+    largest = max(map(len, bodies))
+    if largest > limits.max_message_size:
+        raise MessageTooLarge(f"message too large ({largest} bytes, "
+                              f"max_message_size is {limits.max_message_size})")
     return rq.Push(validate_name(argv[1]), bodies)
 
 
@@ -87,8 +88,16 @@ def _parse_hmget(argv: list[bytes], limits: Limits) -> rq.Get:
 
 
 def _parse_hdel(argv: list[bytes], limits: Limits) -> rq.Ack:
-    tickets = tuple(_int(t, "Invalid Ticket", -(2**63), 2**63 - 1) for t in argv[3:])
-    return rq.Ack(validate_name(argv[1]), validate_name(argv[2]), tickets)
+    raw = argv[3:]
+    # Hot path (an ack of a 100-message get is one HDEL of 100 tickets, parsed by the frontend
+    # and again by the shard): one regex over the joined tickets instead of one per ticket.
+    # A ticket holding the separator would add one to its count, so the count is checked too.
+    joined = b",".join(raw)
+    if _TICKETS.match(joined) and joined.count(b",") == len(raw) - 1:
+        tickets = tuple(map(int, raw))
+        if -(2**63) <= min(tickets) and max(tickets) <= 2**63 - 1:
+            return rq.Ack(validate_name(argv[1]), validate_name(argv[2]), tickets)
+    raise InvalidParameter("Invalid Ticket")
 
 
 def _parse_hmset(argv: list[bytes], limits: Limits) -> object:

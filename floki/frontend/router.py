@@ -19,6 +19,11 @@ Rules:
      one more drain is scheduled, because a send can consume the FD's wake-up.
   6. `cancel(id)` forgets a request and tells its shard (CANCEL), so a parked long poll of a
      client that went away does not take messages that nobody will receive.
+  7. Requests are batched (wire.py): `send` and `cancel` queue the request's frame for its
+     shard, and one callback per shard, scheduled by the first of them, sends everything queued
+     as ONE ZeroMQ message at the next loop turn. Order per shard is kept (a CANCEL never
+     overtakes its request). A send that fails then marks the shard DOWN, which fails every
+     request queued or in flight for it (rule 2).
 """
 from __future__ import annotations
 
@@ -78,7 +83,7 @@ class _Shard:
     """One shard's socket and liveness."""
 
     __slots__ = ("index", "endpoint", "socket", "monitor", "state", "last_reply_s",
-                 "drain_scheduled")
+                 "drain_scheduled", "outgoing", "flush_scheduled")
 
     def __init__(self, index: int, endpoint: str):
         self.index = index
@@ -88,6 +93,8 @@ class _Shard:
         self.state = ShardState.DOWN        # until its first PONG
         self.last_reply_s = 0.0
         self.drain_scheduled = False
+        self.outgoing: list[bytes] = []     # request frames for the next message (rule 7)
+        self.flush_scheduled = False
 
 
 class Router:
@@ -164,19 +171,34 @@ class Router:
         shard = self._shards[index]
         request_id = next(self._ids)
         if shard.state is ShardState.UP:
-            try:
-                _send_message(shard.socket, wire.encode_request(request_id, kind, argv))
-            except zmq.ZMQError as exc:
-                # IMMEDIATE=1: EAGAIN means no live connection to the shard any more.
-                self._mark_down(shard, f"send failed ({exc})")
-            else:
-                self._pending[request_id] = (index, on_reply)
-                if not shard.drain_scheduled:
-                    shard.drain_scheduled = True
-                    self._loop.call_soon(self._drain, shard)
-                return request_id
+            self._queue(shard, wire.encode_request(request_id, kind, argv)[0])
+            self._pending[request_id] = (index, on_reply)
+            return request_id
         on_reply(UNAVAILABLE, self._unavailable)
         return request_id
+
+    def _queue(self, shard: _Shard, frame: bytes) -> None:
+        """Adds a request frame to the shard's next message (rule 7)."""
+        shard.outgoing.append(frame)
+        if not shard.flush_scheduled:
+            shard.flush_scheduled = True
+            self._loop.call_soon(self._flush, shard)
+
+    def _flush(self, shard: _Shard) -> None:
+        """Sends the shard's queued requests as one message (rule 7)."""
+        shard.flush_scheduled = False
+        frames, shard.outgoing = shard.outgoing, []
+        if not frames or shard.socket is None or shard.state is not ShardState.UP:
+            return                    # went DOWN since: its requests were failed then
+        try:
+            _send_message(shard.socket, frames)
+        except zmq.ZMQError as exc:
+            # IMMEDIATE=1: EAGAIN means no live connection to the shard any more.
+            self._mark_down(shard, f"send failed ({exc})")
+            return
+        if not shard.drain_scheduled:
+            shard.drain_scheduled = True
+            self._loop.call_soon(self._drain, shard)
 
     def cancel(self, request_id: int) -> None:
         """Forgets request `request_id` (no callback will come) and tells its shard to drop it."""
@@ -185,10 +207,9 @@ class Router:
             return                    # answered already, or failed
         shard = self._shards[entry[0]]
         if shard.state is ShardState.UP:
-            try:
-                _send_message(shard.socket, wire.encode_request(request_id, wire.CANCEL))
-            except zmq.ZMQError:
-                pass                  # the shard is gone: nothing parked there any more
+            # Queued behind its request if that was not sent yet; if the shard turns out to be
+            # gone, nothing is parked there any more.
+            self._queue(shard, wire.encode_request(request_id, wire.CANCEL)[0])
 
     async def call(self, index: int, argv: list[bytes],
                    kind: bytes = wire.COMMAND) -> tuple[bytes, bytes]:
@@ -244,6 +265,7 @@ class Router:
             log.warning("shard %d is down: %s", shard.index, reason)
         shard.state = ShardState.DOWN
         self._all_up.clear()
+        shard.outgoing = []           # never delivered to a restarted successor (rule 3)
         self._fail_pending(shard.index)
         # A fresh socket: whatever was queued for the dead shard must not reach its successor.
         self._close_socket(shard)
@@ -300,19 +322,22 @@ class Router:
                 break
             received = True
             try:
-                request_id, status, payload = wire.decode_reply(frames)
+                replies = wire.decode_replies(frames)
             except wire.WireError:
                 log.warning("shard %d sent a malformed reply (%d frames)", shard.index,
                             len(frames))
                 continue
-            if status == wire.PONG:
-                if shard.state is ShardState.DOWN:
-                    shard.last_reply_s = self._loop.time()
-                    self._mark_up(shard)
-                continue
-            entry = pending.pop(request_id, None)
-            if entry is not None:     # None: cancelled, or failed when the shard went down
-                entry[1](status, payload)
+            for request_id, status, payload in replies:
+                if status == wire.PONG:
+                    if shard.state is ShardState.DOWN:
+                        shard.last_reply_s = self._loop.time()
+                        self._mark_up(shard)
+                    continue
+                entry = pending.pop(request_id, None)
+                if entry is not None:  # None: cancelled, or failed when the shard went down
+                    entry[1](status, payload)
+            if shard.socket is not sock:
+                break                 # a callback replaced the socket (shard marked DOWN)
         if received:
             shard.last_reply_s = self._loop.time()
 

@@ -54,6 +54,16 @@ _SYNC_ERRORS = (OSError, DiskFull, StorageIOError)
 FSYNC_BUCKETS_S = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
                    0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
+# The hot path calls pyzmq's C-level send/recv with int flags (as floki/frontend/router.py
+# does): the sugar's send_multipart/recv_multipart type-check every part and build flag enums,
+# which cost more than the calls themselves. ROUTER_MANDATORY is off, so a reply to a vanished
+# frontend is dropped by ZeroMQ rather than raising; a full pipe raises Again.
+_send_frame = zmq.backend.Socket.send
+_recv_frame = zmq.backend.Socket.recv
+_MORE = int(zmq.SNDMORE | zmq.NOBLOCK)
+_NOBLOCK = int(zmq.NOBLOCK)
+
+
 class FsyncFailed(Exception):
     """fsync failed in "always" mode: the shard must exit without acknowledging anything."""
 
@@ -80,7 +90,8 @@ class ShardServer:
         self.catalog = catalog
         self.socket = socket
         self.limits = commands.Limits(config.max_message_size, config.max_get_count)
-        self.outbox: list[list[bytes]] = []
+        # replies of this pass: frontend identity -> [header, payload, header, payload, ...]
+        self.outbox: dict[bytes, list[bytes]] = {}
         self.appended: set[str] = set()        # queues appended to in this pass
         # parked long polls: queue -> channel -> FIFO of waiters; plus lookup and deadlines
         self.parked: dict[str, dict[str, deque[Parked]]] = {}
@@ -130,32 +141,47 @@ class ShardServer:
         # replies (and heartbeat PONGs) go out promptly even under a burst of slow commands
         # (e.g. hundreds of queue creations, each fsyncing its files).
         deadline = time.monotonic() + MAX_PASS_S
-        for _ in range(MAX_BATCH):
+        sock = self.socket
+        handle = self.handle_frames
+        taken = 0
+        while taken < MAX_BATCH:
             try:
-                frames = self.socket.recv_multipart(zmq.NOBLOCK)
+                identity = _recv_frame(sock, _NOBLOCK, False)
             except zmq.Again:
                 return
-            self.handle_frames(frames)
+            # ROUTER: [identity, request, request, ...] (wire.py: one frame per request)
+            frames = [identity.bytes]
+            frame = identity
+            while frame.more:
+                frame = _recv_frame(sock, _NOBLOCK, False)
+                frames.append(frame.bytes)
+            handle(frames)
+            taken += len(frames) - 1
             if time.monotonic() > deadline:
                 return
 
     def handle_frames(self, frames: list[bytes]) -> None:
-        """One message from the ROUTER: [identity, request_id, kind, *args]."""
-        identity, body = frames[0], frames[1:]
+        """One message from the ROUTER: [identity, request frame, request frame, ...]."""
+        identity = frames[0]
         self.peer_seen[identity] = time.monotonic()
-        try:
-            request_id, kind, args = wire.decode_request(body)
-        except wire.WireError as exc:
-            log.warning("dropped a malformed wire message: %s", exc)
+        if len(frames) < 2:
+            log.warning("dropped a malformed wire message: no request")
             return
-        if kind == wire.PING:
-            self._send(identity, request_id, wire.PONG, self._status())
-        elif kind == wire.CANCEL:
-            self._cancel(identity, request_id)
-        elif kind == wire.STATS:
-            self._send(identity, request_id, wire.JSON, _json(self.stats()))
-        else:
-            self._execute(identity, request_id, args)
+        decode = wire.decode_request
+        for i in range(1, len(frames)):
+            try:
+                request_id, kind, args = decode(frames[i:i + 1])
+            except wire.WireError as exc:
+                log.warning("dropped a malformed wire message: %s", exc)
+                continue
+            if kind == wire.COMMAND:
+                self._execute(identity, request_id, args)
+            elif kind == wire.PING:
+                self._send(identity, request_id, wire.PONG, self._status())
+            elif kind == wire.CANCEL:
+                self._cancel(identity, request_id)
+            else:
+                self._send(identity, request_id, wire.JSON, _json(self.stats()))
 
     def _execute(self, identity: bytes, request_id: int, argv: list[bytes]) -> None:
         try:
@@ -176,7 +202,10 @@ class ShardServer:
             self._send(identity, request_id, *result)
 
     def _send(self, identity: bytes, request_id: int, status: bytes, payload: bytes) -> None:
-        self.outbox.append([identity, *wire.encode_reply(request_id, status, payload)])
+        outbox = self.outbox.get(identity)
+        if outbox is None:
+            outbox = self.outbox[identity] = []
+        outbox += wire.encode_reply(request_id, status, payload)
 
     def _finish_pass(self) -> None:
         """Group commit, then replies, then wake long polls on queues that got messages."""
@@ -202,13 +231,21 @@ class ShardServer:
         self.fsync_seconds.observe(time.perf_counter() - started)
 
     def _flush_outbox(self) -> None:
-        outbox, self.outbox = self.outbox, []
-        for frames in outbox:
+        """Sends each frontend everything this pass answered it, as one message (wire.py)."""
+        if not self.outbox:
+            return
+        outbox, self.outbox = self.outbox, {}
+        sock = self.socket
+        for identity, frames in outbox.items():
             try:
-                self.socket.send_multipart(frames, zmq.NOBLOCK)
+                _send_frame(sock, identity, _MORE)
+                last = len(frames) - 1
+                for i in range(last):
+                    _send_frame(sock, frames[i], _MORE)
+                _send_frame(sock, frames[last], _NOBLOCK)
             except zmq.Again:
                 # The frontend is gone or not reading; its requests will be failed there.
-                log.warning("reply dropped: frontend %r not reachable", frames[0])
+                log.warning("reply dropped: frontend %r not reachable", identity)
 
     # --- timers ------------------------------------------------------------------------------
 

@@ -34,25 +34,31 @@ class FakeShard:
         self.pings = 0
         self.commands: list[tuple[bytes, int, list[bytes]]] = []   # (identity, id, argv)
         self.cancels: list[int] = []
+        self.messages = 0          # ZeroMQ messages received (each may carry many requests)
         self.auto_reply = None     # callable(argv) -> (status, payload), or None: test replies
         self._task = asyncio.ensure_future(self._serve())
 
     async def _serve(self) -> None:
         while True:
             while self.socket.poll(0):
-                identity, *body = self.socket.recv_multipart()
-                request_id, kind, args = wire.decode_request(body)
-                if kind == wire.PING:
-                    self.pings += 1
-                    if self.answer_pings:
-                        self.send(identity, request_id, wire.PONG, b'{"index":0}')
-                elif kind == wire.CANCEL:
-                    self.cancels.append(request_id)
-                elif self.auto_reply is not None:
-                    self.send(identity, request_id, *self.auto_reply(args))
-                else:
-                    self.commands.append((identity, request_id, args))
+                identity, *requests = self.socket.recv_multipart()
+                self.messages += 1
+                for frame in requests:          # wire.py: one frame per request
+                    self._handle(identity, frame)
             await asyncio.sleep(0.002)
+
+    def _handle(self, identity: bytes, frame: bytes) -> None:
+        request_id, kind, args = wire.decode_request([frame])
+        if kind == wire.PING:
+            self.pings += 1
+            if self.answer_pings:
+                self.send(identity, request_id, wire.PONG, b'{"index":0}')
+        elif kind == wire.CANCEL:
+            self.cancels.append(request_id)
+        elif self.auto_reply is not None:
+            self.send(identity, request_id, *self.auto_reply(args))
+        else:
+            self.commands.append((identity, request_id, args))
 
     def send(self, identity: bytes, request_id: int, status: bytes, payload: bytes) -> None:
         self.socket.send_multipart([identity, *wire.encode_reply(request_id, status, payload)])

@@ -247,3 +247,42 @@ def test_dealer_options(ipc_dir):
         router.close()
         shard.close()
     run_async(main())
+
+
+@pytest.mark.parametrize("loop_factory", [None, uvloop.new_event_loop], ids=["asyncio", "uvloop"])
+def test_requests_of_one_loop_turn_go_to_a_shard_as_one_message(ipc_dir, loop_factory):
+    async def main():
+        router, (shard,) = await started(ipc_dir)
+        shard.answer_pings = False           # only the requests below reach it as messages
+        await asyncio.sleep(HEARTBEAT_S * 2)
+        before, pings_before = shard.messages, shard.pings
+        replies = Replies()
+        ids = [router.send(0, [b"RPUSH", b"q", b"%d" % i], replies.callback(i))
+               for i in range(50)]
+        router.cancel(ids[-1])               # queued behind its own request
+        await shard.wait_commands(50)
+        await wait_for(lambda: shard.cancels == [ids[-1]])
+        # The 50 requests and the cancel left in one message; heartbeats travel alone.
+        assert shard.messages - before == 1 + (shard.pings - pings_before)
+        assert [argv[2] for _, _, argv in shard.commands] == [b"%d" % i for i in range(50)]
+        router.close()
+        shard.close()
+    run_async(main(), loop_factory)
+
+
+def test_replies_sent_as_one_message_reach_each_callback(ipc_dir):
+    async def main():
+        router, (shard,) = await started(ipc_dir)
+        replies = Replies()
+        ids = [router.send(0, [b"RPUSH", b"q", b"%d" % i], replies.callback(i)) for i in range(5)]
+        await shard.wait_commands(5)
+        frames = []
+        for request_id in reversed(ids):
+            frames += wire.encode_reply(request_id, wire.RESP, b":%d\r\n" % request_id)
+        shard.socket.send_multipart([shard.commands[0][0], *frames])
+        await wait_for(lambda: len(replies.got) == 5)
+        assert replies.order == [4, 3, 2, 1, 0]
+        assert replies.got == {i: (wire.RESP, b":%d\r\n" % ids[i]) for i in range(5)}
+        router.close()
+        shard.close()
+    run_async(main())

@@ -87,10 +87,18 @@ class Rig:
     def replies(self, count: int) -> dict[int, tuple[bytes, bytes]]:
         """Reads exactly `count` replies, then checks nothing else came. Returns id -> reply."""
         got: dict[int, tuple[bytes, bytes]] = {}
-        for _ in range(count):
-            assert self.dealer.poll(REPLY_WAIT_MS), f"only {len(got)} of {count} replies: {got}"
-            rid, status, payload = wire.decode_reply(self.dealer.recv_multipart())
+        for rid, status, payload in self.reply_list(count):
             got[rid] = (status, payload)
+        return got
+
+    def reply_list(self, count: int) -> list[tuple[int, bytes, bytes]]:
+        """Reads exactly `count` replies in arrival order (a message may carry several: one
+        per request the pass answered), then checks nothing else came."""
+        got: list[tuple[int, bytes, bytes]] = []
+        while len(got) < count:
+            assert self.dealer.poll(REPLY_WAIT_MS), f"only {len(got)} of {count} replies: {got}"
+            got += wire.decode_replies(self.dealer.recv_multipart())
+        assert len(got) == count, f"{len(got)} replies, expected {count}: {got}"
         self.assert_silent(0)
         return got
 
@@ -428,8 +436,10 @@ def test_requests_taken_from_the_socket_are_answered_in_one_pass_in_order(rig):
     assert rig.server.socket.poll(REPLY_WAIT_MS)     # inproc: all 50 are in the pipe at once
     rig.server._take_batch()
     rig.finish()
-    order = [wire.decode_reply(rig.dealer.recv_multipart())[0] for _ in range(50)]
+    message = rig.dealer.recv_multipart()       # one message: every reply of the pass
+    order = [rid for rid, _, _ in wire.decode_replies(message)]
     assert order == list(range(100, 150))
+    rig.assert_silent(0)
     assert rig.catalog.get("q").info(time.monotonic())["head"] == 51
 
 
@@ -825,3 +835,19 @@ def test_runtime_keys_are_server_keys():
     from floki.config import SERVER_KEYS
     assert RUNTIME_KEYS <= set(SERVER_KEYS)
     assert not {"bind", "data_dir", "shards"} & RUNTIME_KEYS
+
+
+def test_a_message_of_many_requests_is_answered_as_one_message_and_a_bad_frame_alone_dropped(
+        rig, caplog):
+    rig.resp("SET", "q", "c")
+    frames = [wire.encode_request(rid, wire.COMMAND, [b"RPUSH", b"q", b"m"])[0]
+              for rid in (201, 202)]
+    frames.insert(1, b"\x00" * 3)                      # malformed, between two good ones
+    with caplog.at_level(logging.WARNING, logger="floki.shard.server"):
+        rig.server.handle_frames([IDENTITY, *frames])
+        rig.finish()
+    assert any("malformed" in r.message for r in caplog.records)
+    message = rig.dealer.recv_multipart()
+    assert wire.decode_replies(message) == [(201, wire.RESP, b":1\r\n"),
+                                            (202, wire.RESP, b":1\r\n")]
+    rig.assert_silent(0)
