@@ -35,6 +35,10 @@ Rules:
      commands of one read are scanned before any of them runs, so a limit broken by a command
      that follows an AUTH in the same read is held back (`deferred`): if the AUTH succeeds,
      `set_limits` rescans those bytes with the new limits; if not, the error is final.
+  8. Speed never changes an outcome. A header seen before is one lookup among vetted headers,
+     and a run of bulks with one header is vetted a byte column at a time, but every check of
+     rules 1-7 is still made, in the same order. Fed byte by byte, where neither shortcut can
+     apply to a bulk, a stream gives the same commands and the same error as fed whole.
 """
 
 from __future__ import annotations
@@ -143,6 +147,41 @@ PRE_AUTH_MAX_REQUEST_BYTES = 1024**2    # implied by the two above; kept as Redi
 MIN_DROPPED_ARG_BYTES = 64 * 1024       # rule 6 never drops an argument this small
 _EMPTY_BULK = b"$0\r\n\r\n"             # what hiredis gets in place of a dropped body (rule 6)
 
+# Headers already vetted, by their exact bytes. A bulk header's key starts with the CRLF that
+# ends the bulk before it (b"\r\n$12\r\n") and maps to its step: the bytes from its `$` to the
+# end of its body's CRLF (18). A count header maps to the count and its size (b"*3\r\n" ->
+# (3, 4)). A hit stands for every syntax check of those bytes, and since a header ends at its
+# first CRLF, `data[pos:pos + k]` equal to a key *is* the header at `pos`, whatever k was
+# tried (a slice cut short by the end of `data` included). Two tables, so that a count can
+# never pass for a bulk header. Limits are checked on every hit, as on a miss: the tables are
+# shared by every reader of the process, whatever its limits, and capped (clients choose the
+# lengths).
+_BULK_STEPS: dict[bytes, int] = {}
+_COUNT_HEADERS: dict[bytes, tuple[int, int]] = {}
+_MAX_CACHED_HEADERS = 4096
+_MIN_RUN = 16              # shorter runs cost less through the general path than by column
+_MAX_RUN = 4096            # rows compared per column slice (a longer run is taken in parts)
+# A byte repeated, to compare a column of a run with in one call: a header is CRLF, $ and digits.
+_COLUMNS_OF = {byte: bytes((byte,)) * _MAX_RUN for byte in b"\r\n$0123456789"}
+
+
+def _same_bulks(data: bytes, at: int, pattern: bytes, step: int, count: int) -> int:
+    """Returns how many of the `count` rows `data[at + i * step:]` (i = 0, 1, ...) start with
+    `pattern`, counting from the first row up to the first that does not; at most _MAX_RUN.
+
+    Every row must lie whole in `data` (at + count * step <= len(data)), and `pattern` be the
+    start of a row as the scanner sees it: the CRLF ending a bulk, then the next bulk's header
+    (`step`: that header, its body and CRLF). Byte j of every row is one strided slice, so a
+    run costs len(pattern) slices however many bulks it holds.
+    """
+    count = min(count, _MAX_RUN)
+    for byte in pattern:
+        column = data[at:at + count * step:step]
+        if not _COLUMNS_OF[byte].startswith(column):
+            count = len(column) - len(column.lstrip(bytes((byte,))))   # the first that differs
+        at += 1
+    return count
+
 
 class FrameLimits:
     """The caps a RequestReader enforces. One instance is shared by every connection of a
@@ -217,7 +256,8 @@ class RequestReader:
     """
 
     __slots__ = ("limits", "_hiredis", "_carry", "_elements", "_skip", "_last_byte",
-                 "_frame_bytes", "_marker", "_discard", "_ready", "_error", "_deferred")
+                 "_frame_bytes", "_marker", "_discard", "_ready", "_error", "_deferred",
+                 "_guesses")
 
     def __init__(self, limits: FrameLimits | None = None):
         self.limits = limits if limits is not None else FrameLimits()
@@ -232,6 +272,7 @@ class RequestReader:
         self._ready: list = []   # complete commands not yet returned, in order
         self._error: ProtocolError | None = None
         self._deferred: ProtocolError | None = None   # rule 7; `_carry` holds its frame
+        self._guesses = (4, 4)   # sizes of the last bulk and count headers (a speed hint only)
 
     @property
     def failed(self) -> bool:
@@ -298,8 +339,9 @@ class RequestReader:
         Feeds hiredis every byte of the arrays it vetted, up to the first broken header.
         Raises ProtocolError.
         """
-        # The hot path: about one `find` and one `int` per argument; bodies are skipped by
-        # arithmetic, never read. Locals instead of attributes inside the loops.
+        # The hot path. Bodies are skipped by arithmetic, never read. A bulk header seen before
+        # is one dict lookup (_BULK_STEPS), and a run of bulks with one header is vetted a
+        # column at a time (_same_bulks). Locals instead of attributes: every bytecode counts.
         n = len(data)
         start = 0          # first byte not yet fed to hiredis
         ready = self._ready
@@ -309,6 +351,7 @@ class RequestReader:
         marker = self._marker
         max_arg = limits.max_arg_bytes           # <= max_bulk_bytes
         max_request = limits.max_request_bytes
+        max_count = limits.max_multibulk_length
         frame_start = -1   # where the current command began in `data`; -1: in an earlier feed
         pos = self._skip   # finish the body a previous feed ended in
         if pos:
@@ -327,6 +370,14 @@ class RequestReader:
             if not elements:
                 ready.append(marker)
         find = data.find
+        startswith = data.startswith
+        counts = _COUNT_HEADERS
+        bulk_steps = _BULK_STEPS
+        # The size of the last bulk header (most are as long as the one before), and of the
+        # last count header. Hints for the lookups only: any size tried gives the same result.
+        guess, count_guess = self._guesses
+        last_step = 0      # the step of the last bulk (header, body, CRLF)
+        runs = True        # whether runs of one header are worth looking for in this array
         try:
             while pos < n:
                 if not elements:
@@ -347,14 +398,24 @@ class RequestReader:
                             ready.append(argv)
                         pos = start = eol + 1
                         continue
-                    eol = find(_CRLF, pos)
-                    if eol < 0:
-                        if n - pos > MAX_INLINE_BYTES:
-                            raise ProtocolError("too big mbulk count string")
-                        break
-                    count = _header_int(data[pos + 1:eol])
-                    if count is None or count > limits.max_multibulk_length:
-                        raise limits.multibulk_error(count)
+                    known = counts.get(data[pos:pos + count_guess])
+                    if known is None:                   # the checks, in Redis's order
+                        eol = find(_CRLF, pos)
+                        if eol < 0:
+                            if n - pos > MAX_INLINE_BYTES:
+                                raise ProtocolError("too big mbulk count string")
+                            break
+                        count = _header_int(data[pos + 1:eol])
+                        if count is None or count > max_count:
+                            raise limits.multibulk_error(count)
+                        count_guess = eol + 2 - pos
+                        if len(counts) < _MAX_CACHED_HEADERS:
+                            counts[data[pos:eol + 2]] = (count, count_guess)
+                    else:
+                        count, size = known
+                        if count > max_count:
+                            raise limits.multibulk_error(count)
+                        eol = pos + size - 2
                     if count <= 0:                        # ignored, as Redis does
                         if start < pos:
                             self._hiredis.feed(data, start, pos - start)
@@ -364,58 +425,93 @@ class RequestReader:
                     elements = count
                     marker = None
                     pos = eol + 2
-                # Inside an array: `elements` bulk headers still expected.
+                    last_step = 0
+                    runs = True
+                # Inside an array: `elements` bulk headers still expected. The CRLF ending a bulk
+                # is checked with the next header (a key of _BULK_STEPS starts with it), or after
+                # this loop when no header follows: so in the same order as one by one.
                 while elements and pos < n:
-                    if data[pos] != 36:                 # b"$"
-                        raise ProtocolError(f"expected '$', got '{chr(data[pos])}'")
-                    eol = find(b"\r\n", pos)
-                    if eol < 0:
-                        if n - pos > MAX_INLINE_BYTES:
-                            raise ProtocolError("too big bulk count string")
-                        break
-                    if eol - pos > 20:                    # 19 digits at most (int64)
-                        raise ProtocolError("invalid bulk length")
-                    raw = data[pos + 1:eol]
-                    if not raw.isdigit() or (raw[0] == 48 and eol - pos > 2):
-                        raise ProtocolError("invalid bulk length")   # also negative: `$-1`
-                    length = int(raw)
-                    frame_bytes += eol - pos + 4 + length
-                    if length > max_arg:
-                        if length > limits.max_bulk_bytes:
-                            raise limits.bulk_error(length)
-                        if frame_bytes > max_request:
-                            raise ProtocolError("too big request")
-                        # Rule 6: hiredis gets an empty bulk instead; the body is never held.
-                        if marker is None:
-                            marker = _Refused(MessageTooLarge(
-                                f"message too large ({length} bytes, max_message_size is "
-                                f"{limits.max_message_bytes})"))
-                        if start < pos:
-                            self._hiredis.feed(data, start, pos - start)
-                        self._hiredis.feed(_EMPTY_BULK)
-                        elements -= 1
-                        pos = start = eol + 4 + length
-                        if pos > n:
-                            self._skip = pos - n
-                            self._last_byte = data[-1]
-                            self._discard = True
-                            pos = n
-                            break
-                        if data[pos - 1] != 10 or data[pos - 2] != 13:
+                    step = bulk_steps.get(data[pos - 2:pos + guess])
+                    if step is None:                    # the checks, in Redis's order
+                        if pos >= 2 and (data[pos - 1] != 10 or data[pos - 2] != 13):
                             raise ProtocolError(_BAD_BULK_END)
-                        continue
+                        if data[pos] != 36:             # b"$"
+                            raise ProtocolError(f"expected '$', got '{chr(data[pos])}'")
+                        eol = find(_CRLF, pos)
+                        if eol < 0:
+                            if n - pos > MAX_INLINE_BYTES:
+                                raise ProtocolError("too big bulk count string")
+                            break
+                        if eol - pos > 20:                # 19 digits at most (int64)
+                            raise ProtocolError("invalid bulk length")
+                        raw = data[pos + 1:eol]
+                        if not raw.isdigit() or (raw[0] == 48 and eol - pos > 2):
+                            raise ProtocolError("invalid bulk length")   # also negative: `$-1`
+                        guess = eol + 2 - pos
+                        step = guess + int(raw) + 2
+                        if len(bulk_steps) < _MAX_CACHED_HEADERS:
+                            bulk_steps[_CRLF + data[pos:eol + 2]] = step
+                    frame_bytes += step
+                    if step > max_arg:                    # so maybe length > max_arg: rule 6
+                        end = pos + step
+                        length = end - find(_CRLF, pos) - 4
+                        if length > max_arg:
+                            if length > limits.max_bulk_bytes:
+                                raise limits.bulk_error(length)
+                            if frame_bytes > max_request:
+                                raise ProtocolError("too big request")
+                            # Hiredis gets an empty bulk instead; the body is never held.
+                            if marker is None:
+                                marker = _Refused(MessageTooLarge(
+                                    f"message too large ({length} bytes, max_message_size is "
+                                    f"{limits.max_message_bytes})"))
+                            if start < pos:
+                                self._hiredis.feed(data, start, pos - start)
+                            self._hiredis.feed(_EMPTY_BULK)
+                            elements -= 1
+                            pos = start = end
+                            if pos > n:
+                                self._skip = pos - n
+                                self._last_byte = data[-1]
+                                self._discard = True
+                                pos = n
+                                break
+                            continue                      # its CRLF: checked like any other
                     if frame_bytes > max_request:
                         raise ProtocolError("too big request")
                     elements -= 1
-                    pos = eol + 4 + length                # past the body and its CRLF
+                    pos += step                           # past the body and its CRLF
                     if pos > n:
                         self._skip = pos - n
                         self._last_byte = data[-1]
                         pos = n
                         break
-                    if data[pos - 1] != 10 or data[pos - 2] != 13:
-                        raise ProtocolError(_BAD_BULK_END)
+                    if step == last_step and runs and elements:
+                        # Two bulks in a row with one header (so one length): take the next ones
+                        # that have it by _same_bulks, as many as lie whole in `data` and fit
+                        # the array and the request cap. Whatever ends the run (another header,
+                        # a missing CRLF, a partial body, the cap) is then met by the general
+                        # path, exactly as if every bulk had gone through it. A run that fails
+                        # or is short (tickets of 18 and 19 digits) ends the tries in this array.
+                        runs = False
+                        count = min(elements, (n - pos) // step,
+                                    (max_request - frame_bytes) // step)
+                        header = pos - step           # this bulk's; the CRLF before it is checked
+                        pattern = (data[header - 2:header + guess] if header >= 2
+                                   else _CRLF + data[header:header + guess])
+                        if count >= _MIN_RUN and startswith(pattern, pos - 2):
+                            taken = _same_bulks(data, pos - 2, pattern, step, count)
+                            pos += taken * step
+                            frame_bytes += taken * step
+                            elements -= taken
+                            runs = taken >= _MIN_RUN
+                    last_step = step
                 else:
+                    # No header follows the last bulk here (if any): check its CRLF now. When
+                    # none ended here the two bytes are a CRLF already checked, or in an
+                    # earlier feed (pos < 2).
+                    if pos >= 2 and (data[pos - 1] != 10 or data[pos - 2] != 13):
+                        raise ProtocolError(_BAD_BULK_END)
                     if not elements:
                         ready.append(marker)              # array complete: hiredis has it
                     continue
@@ -435,6 +531,7 @@ class RequestReader:
             self._elements = elements
             self._frame_bytes = frame_bytes
             self._marker = marker
+            self._guesses = (guess, count_guess)
             # Bytes from `start` to `pos` are vetted array bytes; from `pos` on, an unfinished
             # line (kept for the next feed) or the broken bytes (dropped with the error).
             if pos > start:

@@ -227,13 +227,15 @@ class StatsShard(FakeShard):
     async def _serve(self) -> None:
         while True:
             while self.socket.poll(0):
-                identity, *body = self.socket.recv_multipart()
-                request_id, kind, args = wire.decode_request(body)
-                self.kinds.append(kind)
-                if kind == wire.PING:
-                    self.send(identity, request_id, wire.PONG, b'{"index":0}')
-                elif kind == wire.STATS:
-                    self.send(identity, request_id, wire.JSON, json.dumps(self.stats).encode())
+                identity, *frames = self.socket.recv_multipart()
+                for frame in frames:                 # wire.py: one frame per request
+                    request_id, kind, args = wire.decode_request([frame])
+                    self.kinds.append(kind)
+                    if kind == wire.PING:
+                        self.send(identity, request_id, wire.PONG, b'{"index":0}')
+                    elif kind == wire.STATS:
+                        self.send(identity, request_id, wire.JSON,
+                                  json.dumps(self.stats).encode())
             await asyncio.sleep(0.002)
 
 

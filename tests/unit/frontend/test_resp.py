@@ -482,3 +482,216 @@ def test_random_bytes_under_every_limit_give_only_known_outcomes(data, cuts, pre
         assert reader.commands() == []       # whatever is left is a partial command
     except ProtocolError:
         assert pre_auth                      # or a frame held back by rule 7, now final
+
+
+# --- speed (rule 8): vetted-header lookups and runs of equal bulks ---------------------------
+# Fed byte by byte, a bulk header always starts a read, so it is never found among the vetted
+# ones and no run is taken: bytewise feeding is the reference the shortcuts are held to.
+
+def bytewise(data: bytes) -> list[bytes]:
+    return [data[i:i + 1] for i in range(len(data))]
+
+
+@pytest.fixture
+def runs_taken(monkeypatch) -> list[int]:
+    """The lengths of the runs the scanner took, so a test can check it went down that path."""
+    taken: list[int] = []
+    same_bulks = resp._same_bulks
+
+    def spy(data, at, pattern, step, count):
+        result = same_bulks(data, at, pattern, step, count)
+        taken.append(result)
+        return result
+    monkeypatch.setattr(resp, "_same_bulks", spy)
+    return taken
+
+
+def run_of(length: int, count: int, fill: int = 97) -> list[bytes]:
+    """`count` arguments of `length` bytes: one header, distinct bodies."""
+    return [bytes([fill + i % 26]) * length for i in range(count)]
+
+
+def assert_same_in_every_chunking(data: bytes, expected, limits=None, runner=run):
+    make = (lambda: RequestReader(limits)) if limits is not None else RequestReader
+    for how, chunks in chunkings(data).items():
+        assert runner(make(), chunks) == expected, how
+
+
+def test_a_run_broken_by_another_length_gives_every_argument(runs_taken):
+    argv = [b"RPUSH", b"q", *run_of(5, 30), b"x" * 6, *run_of(5, 30, fill=65), b"d" * 4]
+    data = encode_request(argv) + encode_request([b"PING"])
+    assert_same_in_every_chunking(data, ([argv, [b"PING"]], None))
+    assert runs_taken and max(runs_taken) >= 16
+
+
+def test_a_run_of_tickets_with_another_digit_count_gives_every_ticket():
+    tickets = [b"%d" % (10**18 + i) for i in range(40)]
+    tickets[7] = tickets[23] = b"1" * 18                   # a digit less: another header
+    argv = [b"HDEL", b"q", b"ch", *tickets]
+    assert_same_in_every_chunking(encode_request(argv), ([argv], None))
+
+
+@pytest.mark.parametrize("broken", [0, 1, 17, 18, 19, 35, 39])
+@pytest.mark.parametrize("ending", [b"XY", b"\rX", b"X\n", b"\n\r"])
+def test_a_body_without_crlf_in_a_run_is_still_refused(broken, ending):
+    bodies = run_of(5, 40)
+    frame = bytearray(encode_request([b"RPUSH", b"q", *bodies]))
+    at = frame.index(bodies[broken]) + 5
+    frame[at:at + 2] = ending
+    data = encode_request([b"PING"]) + bytes(frame) + encode_request([b"PING"])
+    expected = ([[b"PING"]], "Protocol error: bulk data does not end with CRLF")
+    assert_same_in_every_chunking(data, expected)
+    assert run(RequestReader(), bytewise(data)) == expected
+
+
+def test_a_run_cut_by_the_end_of_the_array_leaves_the_next_command_alone():
+    first = [b"RPUSH", b"q", *run_of(3, 20)]
+    second = [b"RPUSH", b"q", *run_of(3, 20, fill=65)]      # same header right after the array
+    data = encode_request(first) + encode_request(second)
+    assert_same_in_every_chunking(data, ([first, second], None))
+    # Inline commands that look like more of the run are inline commands.
+    data = encode_request(first) + b"$3\r\nabc\r\n" * 20
+    assert_same_in_every_chunking(data, ([first, *[[b"$3"], [b"abc"]] * 20], None))
+
+
+def test_an_oversized_bulk_inside_a_run_refuses_its_command_only(runs_taken):
+    limits = FrameLimits(max_message_bytes=1)
+    limits.max_arg_bytes = 8               # drop bodies above 8 bytes (the floor is for servers)
+    bodies = run_of(5, 40)
+    bodies[20] = b"z" * 9
+    data = (encode_request([b"RPUSH", b"q", *bodies]) + encode_request([b"PING"])
+            + encode_request([b"RPUSH", b"q", *run_of(5, 40)]))
+    expected = (["refused: message too large (9 bytes, max_message_size is 1)", [b"PING"],
+                 [b"RPUSH", b"q", *run_of(5, 40)]], None)
+    assert_same_in_every_chunking(data, expected, limits, refused_run)
+    assert refused_run(RequestReader(limits), bytewise(data)) == expected
+    assert runs_taken
+
+
+def test_max_request_bytes_crossed_inside_a_run():
+    argv = [b"RPUSH", b"q", *run_of(10, 40)]
+    frame = encode_request(argv)
+    step = len(b"$10\r\n") + 10 + 2
+    before_25th = len(frame) - (40 - 24) * step          # the declared size through 24 bodies
+    data = encode_request([b"PING"]) + frame
+    for cap, expected in [
+        (len(frame), ([[b"PING"], argv], None)),        # exactly the whole request: fine
+        (len(frame) - 1, ([[b"PING"]], "Protocol error: too big request")),
+        (before_25th, ([[b"PING"]], "Protocol error: too big request")),
+        (before_25th + step, ([[b"PING"]], "Protocol error: too big request")),
+    ]:
+        limits = FrameLimits(max_request_bytes=cap)
+        assert_same_in_every_chunking(data, expected, limits)
+        assert run(RequestReader(limits), bytewise(data)) == expected, cap
+    # And the 25th body is the one that crosses: its header alone is enough to refuse.
+    reader = RequestReader(FrameLimits(max_request_bytes=before_25th))
+    reader.feed(frame[:before_25th + len(b"$10\r\n")])
+    with pytest.raises(ProtocolError, match="too big request"):
+        reader.commands()
+    reader = RequestReader(FrameLimits(max_request_bytes=before_25th))
+    reader.feed(frame[:before_25th])
+    assert reader.commands() == []
+
+
+def test_runs_split_at_every_byte_give_what_one_read_gives():
+    good = (encode_request([b"RPUSH", b"q", *run_of(7, 40)])
+            + encode_request([b"HDEL", b"q", b"c", *[b"%d" % (10**18 + i) for i in range(30)]]))
+    broken = bytearray(good)
+    broken[good.index(b"g" * 7) + 7] = ord("X")        # the 7th body's CR
+    for data in (good, bytes(broken)):
+        whole = run(RequestReader(), [data])
+        assert whole == run(RequestReader(), bytewise(data))
+        for cut in range(len(data) + 1):
+            assert run(RequestReader(), [data[:cut], data[cut:]]) == whole, cut
+    assert run(RequestReader(), [bytes(broken)])[1] == (
+        "Protocol error: bulk data does not end with CRLF")
+
+
+def test_a_run_longer_than_one_column_slice_is_taken_in_parts(runs_taken):
+    argv = [b"RPUSH", b"q", *[b"m"] * (resp._MAX_RUN * 2 + 100)]
+    assert run(RequestReader(), [encode_request(argv)]) == ([argv], None)
+    assert runs_taken.count(resp._MAX_RUN) == 2
+
+
+def test_a_count_header_never_passes_for_a_bulk_header():
+    reader = RequestReader()
+    reader.feed(encode_request([b"PING"]))                # b"*1\r\n" is now a vetted count
+    assert reader.commands() == [[b"PING"]]
+    reader.feed(b"*1\r\n*1\r\n$4\r\nPING\r\n")
+    with pytest.raises(ProtocolError, match="expected '\\$', got '\\*'"):
+        reader.commands()
+
+
+def test_headers_vetted_for_one_reader_meet_the_limits_of_another():
+    argv = [b"ECHO", b"a" * 16385, *[b"b"] * 9]            # 11 arguments, a bulk above 16 KiB
+    assert run(RequestReader(), [encode_request(argv)]) == ([argv], None)
+    # Headers of the same size as the last ones, so the other reader looks them up.
+    ten = [b"ECHO", *[b"c"] * 9]
+    assert run(RequestReader(before_auth()), [encode_request(ten) + b"*11\r\n"]) == (
+        [ten], "Protocol error: unauthenticated multibulk length")
+    data = b"*3\r\n$4\r\nECHO\r\n$16384\r\n" + b"d" * 16384 + b"\r\n$16385\r\n"
+    assert run(RequestReader(before_auth()), [data]) == (
+        [], "Protocol error: unauthenticated bulk length")
+
+
+def test_a_header_cut_short_by_the_end_of_a_read_after_a_longer_one():
+    reader = RequestReader()
+    reader.feed(encode_request([b"ECHO", b"x" * 5]))       # vets b"$5\r\n"
+    assert reader.commands() == [[b"ECHO", b"x" * 5]]
+    data = encode_request([b"ECHO", b"y" * 12, b"z" * 5])
+    cut = data.index(b"$5\r\n") + 4                          # the read ends right after it
+    reader.feed(data[:cut])
+    assert reader.commands() == []
+    reader.feed(data[cut:])
+    assert reader.commands() == [[b"ECHO", b"y" * 12, b"z" * 5]]
+
+
+@pytest.mark.parametrize("size,kept", [(65536, True), (65537, False)])
+def test_the_drop_threshold_is_the_argument_s_length_not_its_frame(size, kept):
+    reader = RequestReader(FrameLimits(max_message_bytes=1))     # drops above 64 KiB
+    body = b"k" * size
+    reader.feed(encode_request([b"RPUSH", b"q", body, body]))
+    out = reader.commands()
+    if kept:
+        assert out == [[b"RPUSH", b"q", body, body]]
+    else:
+        assert [item.message for item in out] == [
+            f"message too large ({size} bytes, max_message_size is 1)"]
+
+
+segments = st.lists(st.tuples(st.sampled_from([0, 1, 2, 5, 9, 10, 11, 12]),
+                              st.integers(min_value=1, max_value=40)), min_size=1, max_size=3)
+mutations = st.lists(st.tuples(st.integers(min_value=0), st.sampled_from(
+    [b"", b"X", b"\r", b"\n", b"$", b"1", b"0", b"*"]), st.booleans()), max_size=2)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(commands=st.lists(segments, min_size=1, max_size=3), edits=mutations,
+       cuts=st.lists(st.integers(min_value=0), max_size=6),
+       limit=st.sampled_from(["default", "request", "drop", "pre_auth"]))
+def test_runs_of_equal_bulks_with_damage_read_the_same_in_any_chunking(commands, edits, cuts,
+                                                                       limit):
+    """Rule 8: arrays made of runs of one header, damaged anywhere, under each limit: one read,
+    byte-by-byte reads and random reads give the same commands and the same error."""
+    data = bytearray()
+    for segs in commands:
+        argv = [b"RPUSH", b"q"]
+        for length, count in segs:
+            argv += run_of(length, count)
+        data += encode_request(argv)
+    for offset, byte, insert in edits:
+        at = offset % (len(data) + 1)
+        data[at:at if insert else at + 1] = byte
+    data = bytes(data)
+
+    def make() -> RequestReader:
+        if limit == "pre_auth":
+            return RequestReader(before_auth())
+        limits = FrameLimits(max_request_bytes=300 if limit == "request"
+                             else resp.MAX_REQUEST_BYTES)
+        if limit == "drop":
+            limits.max_arg_bytes = 6
+        return RequestReader(limits)
+    whole = refused_run(make(), [data])
+    assert refused_run(make(), bytewise(data)) == whole
+    assert refused_run(make(), split_at(data, cuts)) == whole
