@@ -61,9 +61,9 @@ class ShardProcess:
             except zmq.Again:
                 pass                       # not connected yet
             if self.dealer.poll(100):
-                _, status, payload = wire.decode_reply(self.dealer.recv_multipart())
-                if status == wire.PONG:
-                    return json.loads(payload)
+                for _, status, payload in wire.decode_replies(self.dealer.recv_multipart()):
+                    if status == wire.PONG:
+                        return json.loads(payload)
         raise AssertionError(f"shard did not answer PING:\n{self.log()}")
 
     def send(self, *argv: str) -> int:
@@ -77,10 +77,11 @@ class ShardProcess:
         deadline = time.monotonic() + timeout_ms / 1000
         while time.monotonic() < deadline:
             if self.dealer.poll(50):
-                got_id, status, payload = wire.decode_reply(self.dealer.recv_multipart())
-                if got_id == rid:
-                    assert status == wire.RESP
-                    return payload
+                for got_id, status, payload in wire.decode_replies(
+                        self.dealer.recv_multipart()):
+                    if got_id == rid:
+                        assert status == wire.RESP
+                        return payload
         raise AssertionError(f"no reply to request {rid}:\n{self.log()}")
 
     def call(self, *argv: str) -> bytes:
