@@ -50,8 +50,13 @@ def json_array(text: bytes) -> bytes:
     return b"*1\r\n" + bulk(text)
 
 
-def messages(items: list[tuple[int, int, bytes]]) -> bytes:
-    """HMGET reply: an array of [id, ticket, body] with id and ticket as RESP integers."""
+def messages(items: list[tuple[int, int, bytes | memoryview]]) -> bytes:
+    """HMGET reply: an array of [id, ticket, body] with id and ticket as RESP integers.
+
+    Bodies may be any bytes-like object: Segment.read hands out large ones as memoryview
+    slices of its read buffer, so the one join below is the only copy a body gets between
+    the pread and the reply.
+    """
     parts = [b"*%d\r\n" % len(items)]
     append = parts.append
     for message_id, ticket, body in items:

@@ -6,7 +6,8 @@ root directory while it
     at its last fsync and every state the directory went through since;
   - fails chosen calls: the n-th write/fsync/ftruncate/... (optionally only for paths
     containing some text) raises OSError(ENOSPC or EIO), a write optionally putting a prefix of
-    its data on disk first, as a full disk does;
+    its data on disk first, as a full disk does (a "write" rule also strikes writev, a write
+    of its buffers one after the other; a "writev" rule strikes writev only);
   - builds the directory tree a power loss would leave (power_loss), or does so in the middle of
     the n-th call and then refuses every further call (crash_at), like SQLite's crash VFS.
 The power-loss model (what the storage engine must survive):
@@ -25,6 +26,9 @@ inherits that file's identity, which only matters if its contents do.
 Also: OsLayer, the same operations looked up on `os` at call time, so tests that monkeypatch
 os.fsync & co. keep working while fileio binds the os functions directly (tests/unit/shard
 conftest installs it).
+Threads: the shard's background worker calls the layer too, so every operation and power_loss
+hold one lock (the call counts, rules, fsynced bytes and directory histories stay consistent,
+and a power loss sees no operation half done); only a real os.fsync runs outside it.
 """
 from __future__ import annotations
 
@@ -33,6 +37,7 @@ import itertools
 import os
 import random
 import stat
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,7 +46,8 @@ from floki.shard import fileio
 SECTOR_BYTES = 512
 DIR = "<dir>"          # a directory entry that is a directory (followed by path)
 # Calls that change what is on disk: the points where crash_at may cut the power.
-MUTATING = frozenset({"write", "fsync", "ftruncate", "replace", "unlink", "create"})
+MUTATING = frozenset({"write", "writev", "fsync", "ftruncate", "replace", "unlink", "create"})
+WRITES = frozenset({"write", "writev"})      # _enter hands their rule back (partial_bytes)
 
 
 class PowerLost(BaseException):
@@ -71,7 +77,7 @@ class Rule:
     fired: int = 0
 
     def matches(self, op: str, path: str | None) -> bool:
-        if op != self.op:
+        if op != self.op and not (self.op == "write" and op == "writev"):
             return False
         return self.path_contains is None or (path is not None and self.path_contains in path)
 
@@ -111,6 +117,7 @@ class FaultyFileIO:
         self._fd_paths: dict[int, str] = {}
         self._crash: tuple[int, Path, dict] | None = None
         self.lost = False
+        self._lock = threading.RLock()      # see "Threads" in the module docstring
         self._baseline(self.root)
 
     # --- configuration --------------------------------------------------------------------------
@@ -118,29 +125,33 @@ class FaultyFileIO:
     def fail(self, op: str, err: int = errno_module.EIO, *, nth: int = 1, times: int | None = 1,
              partial_bytes: int = 0, path_contains: str | None = None) -> Rule:
         """Makes the nth matching call of `op` from now (and `times` - 1 more; None: all) raise
-        OSError(err). op: write, fsync, ftruncate, replace, unlink, open, pread. Returns the rule
-        (its `fired` tells how often it struck)."""
+        OSError(err). op: write (also strikes writev), writev, fsync, ftruncate, replace,
+        unlink, open, pread. Returns the rule (its `fired` tells how often it struck)."""
         if op not in fileio.OPERATIONS:
             raise ValueError(f"unknown operation {op!r}")
         rule = Rule(op, err, nth, times, partial_bytes, path_contains)
-        self.rules.append(rule)
+        with self._lock:
+            self.rules.append(rule)
         return rule
 
     def clear(self) -> None:
         """Removes every failure rule (the disk is healthy again)."""
-        self.rules.clear()
+        with self._lock:
+            self.rules.clear()
 
     def crash_at(self, n: int, image_dir: Path, **loss_options) -> None:
         """Cuts the power at the start of the n-th mutating call from now (that call does not
         happen): the power-loss image is written to `image_dir` (see power_loss, which takes
         `loss_options`) and this call and every later one raise PowerLost."""
-        self._crash = (self._mutations() + n, Path(image_dir), loss_options)
+        with self._lock:
+            self._crash = (self._mutations() + n, Path(image_dir), loss_options)
 
     # --- what the tests ask -------------------------------------------------------------------
 
     def synced_bytes(self, path: Path) -> bytes:
         """Returns the bytes the file now at `path` had at its last fsync (b"" if never)."""
-        return self._synced.get(self._object_of(os.stat(path).st_ino), b"")
+        with self._lock:
+            return self._synced.get(self._object_of(os.stat(path).st_ino), b"")
 
     def power_loss(self, image_dir: Path, *, unsynced: str = "random", names: str = "random",
                    holes: bool = True) -> Path:
@@ -156,82 +167,108 @@ class FaultyFileIO:
         if unsynced not in ("random", "none", "all") or names not in ("random", "synced",
                                                                         "current"):
             raise ValueError(f"unknown power-loss option {unsynced!r} / {names!r}")
-        self.power_losses += 1
-        self._restore_dir(self.root, Path(image_dir), unsynced, names, holes)
+        with self._lock:
+            self.power_losses += 1
+            self._restore_dir(self.root, Path(image_dir), unsynced, names, holes)
         return Path(image_dir)
 
     def close_all(self) -> None:
         """Closes every fd opened through this layer and still open (the files of an engine
         abandoned after a power loss, which cannot close them itself)."""
-        for fd in list(self._fd_paths):
-            self.close(fd)
+        with self._lock:
+            for fd in list(self._fd_paths):
+                self.close(fd)
 
     # --- the operations (fileio.OPERATIONS) ----------------------------------------------------
 
     def open(self, path, flags, mode=0o777, *, dir_fd=None):
         path = os.path.abspath(path)
-        creating = bool(flags & os.O_CREAT) and not os.path.lexists(path)
-        self._enter("create" if creating else "open", path)
-        fd = os.open(path, flags, mode)
-        self._fd_paths[fd] = path
-        if creating and self._tracked(path):
-            self._object_of_inode[os.fstat(fd).st_ino] = next(self._object_ids)
-            self._note_names(os.path.dirname(path))
-        return fd
+        with self._lock:
+            creating = bool(flags & os.O_CREAT) and not os.path.lexists(path)
+            self._enter("create" if creating else "open", path)
+            fd = os.open(path, flags, mode)
+            self._fd_paths[fd] = path
+            if creating and self._tracked(path):
+                self._object_of_inode[os.fstat(fd).st_ino] = next(self._object_ids)
+                self._note_names(os.path.dirname(path))
+            return fd
 
     def close(self, fd):
-        self._fd_paths.pop(fd, None)
-        return os.close(fd)
+        with self._lock:
+            self._fd_paths.pop(fd, None)
+            return os.close(fd)
 
     def write(self, fd, data):
-        path = self._path_of(fd)
-        rule = self._enter("write", path)
-        if rule is not None:
-            if rule.partial_bytes:
-                self.bytes_written += os.write(fd, bytes(data[:rule.partial_bytes]))
-            raise OSError(rule.err, os.strerror(rule.err))
-        written = os.write(fd, data)
-        self.bytes_written += written
-        return written
+        with self._lock:
+            path = self._path_of(fd)
+            rule = self._enter("write", path)
+            if rule is not None:
+                if rule.partial_bytes:
+                    self.bytes_written += os.write(fd, bytes(data[:rule.partial_bytes]))
+                raise OSError(rule.err, os.strerror(rule.err))
+            written = os.write(fd, data)
+            self.bytes_written += written
+            return written
+
+    def writev(self, fd, buffers):
+        with self._lock:
+            path = self._path_of(fd)
+            rule = self._enter("writev", path)
+            if rule is not None:
+                if rule.partial_bytes:
+                    prefix = b"".join(map(bytes, buffers))[:rule.partial_bytes]
+                    self.bytes_written += os.write(fd, prefix)
+                raise OSError(rule.err, os.strerror(rule.err))
+            written = os.writev(fd, buffers)
+            self.bytes_written += written
+            return written
 
     def pread(self, fd, size, offset):
-        self._enter("pread", self._path_of(fd))
-        return os.pread(fd, size, offset)
+        with self._lock:
+            self._enter("pread", self._path_of(fd))
+            return os.pread(fd, size, offset)
 
     def fsync(self, fd):
-        path = self._path_of(fd)
-        self._enter("fsync", path)
+        with self._lock:
+            path = self._path_of(fd)
+            self._enter("fsync", path)
         if self.real_fsync:
             os.fsync(fd)
-        info = os.fstat(fd)
-        if path is None or not self._tracked(path):
+        with self._lock:
+            if self.lost:        # the power went out while this fsync ran: it never returned
+                raise PowerLost(f"fsync {path} during the power loss")
+            info = os.fstat(fd)
+            if path is None or not self._tracked(path):
+                return None
+            if stat.S_ISDIR(info.st_mode):
+                self._history[path] = [self._scan(path)]
+            else:
+                with open(f"/proc/self/fd/{fd}", "rb") as f:
+                    self._synced[self._object_of(info.st_ino)] = f.read()
             return None
-        if stat.S_ISDIR(info.st_mode):
-            self._history[path] = [self._scan(path)]
-        else:
-            with open(f"/proc/self/fd/{fd}", "rb") as f:
-                self._synced[self._object_of(info.st_ino)] = f.read()
-        return None
 
     def ftruncate(self, fd, length):
-        self._enter("ftruncate", self._path_of(fd))
-        return os.ftruncate(fd, length)
+        with self._lock:
+            self._enter("ftruncate", self._path_of(fd))
+            return os.ftruncate(fd, length)
 
     def fstat(self, fd):
         return os.fstat(fd)
 
     def replace(self, src, dst, *, src_dir_fd=None, dst_dir_fd=None):
         src, dst = os.path.abspath(src), os.path.abspath(dst)
-        self._enter("replace", dst)
-        os.replace(src, dst)
-        for directory in {os.path.dirname(src), os.path.dirname(dst)}:
-            self._note_names(directory)
+        with self._lock:
+            self._enter("replace", dst)
+            os.replace(src, dst)
+            for directory in {os.path.dirname(src), os.path.dirname(dst)}:
+                self._note_names(directory)
 
     def unlink(self, path, *, dir_fd=None):
         path = os.path.abspath(path)
-        self._enter("unlink", path)
-        os.unlink(path)
-        self._note_names(os.path.dirname(path))
+        with self._lock:
+            self._enter("unlink", path)
+            os.unlink(path)
+            self._note_names(os.path.dirname(path))
 
     # --- internals ----------------------------------------------------------------------------
 
@@ -240,7 +277,7 @@ class FaultyFileIO:
 
     def _enter(self, op: str, path: str | None) -> Rule | None:
         """Counts a call, cuts the power if this is the crash point, and returns the failure
-        rule that strikes this call (raising OSError itself for every op but write)."""
+        rule that strikes this call (raising OSError itself for every op but the writes)."""
         if self.lost:
             raise PowerLost(f"{op} after the power loss")
         rule_op = "open" if op == "create" else op
@@ -255,7 +292,7 @@ class FaultyFileIO:
             if rule.matches(rule_op, path) and rule.fires():
                 if rule.spent:
                     self.rules.remove(rule)
-                if op == "write":
+                if op in WRITES:
                     return rule
                 raise OSError(rule.err, os.strerror(rule.err), path)
         return None

@@ -1,8 +1,8 @@
 """fileio: the one doorway through which the storage engine touches files.
 
 Owns: the file operations segment.py, wal.py, checkpoint.py and files.py use to change or read
-their files (open, close, write, pread, fsync, ftruncate, fstat, replace, unlink), and the hook
-that lets a test put a fault-injecting layer in front of them (tests/unit/shard/faultfs.py:
+their files (open, close, write, writev, pread, fsync, ftruncate, fstat, replace, unlink), and
+the hook that lets a test put a fault-injecting layer in front of them (tests/faultfs.py:
 failing writes/fsyncs with ENOSPC or EIO, simulating power loss).
 Rules:
   1. Storage code calls `fileio.write(fd, data)`, never `os.write`: the module attributes below
@@ -22,13 +22,14 @@ from contextlib import contextmanager
 from typing import Iterator
 
 # The operations a layer must provide, with os's signatures (rule 2 swaps exactly these).
-OPERATIONS = ("open", "close", "write", "pread", "fsync", "ftruncate", "fstat", "replace",
-              "unlink")
+OPERATIONS = ("open", "close", "write", "writev", "pread", "fsync", "ftruncate", "fstat",
+              "replace", "unlink")
 
 # Rule 1: in production these names are bound to the os functions themselves.
 open = os.open              # noqa: A001 - deliberately the os name, see rule 1
 close = os.close
 write = os.write
+writev = os.writev
 pread = os.pread
 fsync = os.fsync
 ftruncate = os.ftruncate

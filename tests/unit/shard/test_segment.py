@@ -1,4 +1,6 @@
+import errno
 import os
+import random
 import re
 import struct
 from pathlib import Path
@@ -6,13 +8,14 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from floki.shard import files
-from floki.shard.segment import (FORMAT_VERSION, NO_RECORD, RECORD_HEADER_SIZE,
-                                 SEGMENT_HEADER_SIZE, SEGMENT_MAGIC, BadRecord, CorruptSegment,
-                                 Segment, UnfinishedSegment, UnsupportedFormat,
-                                 decode_record, decode_segment_header, encode_batch,
-                                 encode_record, encode_segment_header, index_from_bytes,
-                                 index_to_bytes, parse_record)
+from faultfs import FaultyFileIO, OsLayer
+from floki.shard import fileio, files
+from floki.shard.segment import (FORMAT_VERSION, IOV_MAX, LARGE_BODY_BYTES, NO_RECORD,
+                                 RECORD_HEADER_SIZE, SEGMENT_HEADER_SIZE, SEGMENT_MAGIC,
+                                 BadRecord, CorruptSegment, Segment, UnfinishedSegment,
+                                 UnsupportedFormat, decode_record, decode_segment_header,
+                                 encode_batch, encode_record, encode_segment_header,
+                                 index_from_bytes, index_to_bytes, parse_record, writev_all)
 
 U64 = st.integers(min_value=0, max_value=2**64 - 1)
 
@@ -190,3 +193,264 @@ def test_appending_to_a_reopened_active_segment_continues_the_index(tmp_path):
         assert segment.first_timestamp_ms == 2000 and segment.newest_timestamp_ms == 9
     finally:
         segment.close()
+
+
+# --- large bodies: written uncopied with writev, read back as memoryview slices ---------------
+
+LARGE = LARGE_BODY_BYTES
+MIXED_SIZES = [0, 5, LARGE - 1, LARGE, LARGE + 1, 100, 65536, 70000, 3]
+
+
+def _bodies(sizes, seed=0):
+    rng = random.Random(seed)
+    return [rng.randbytes(n) for n in sizes]
+
+
+def _append(segment, bodies, timestamp_ms=5):
+    data, offsets = encode_batch(segment.end_id, timestamp_ms, bodies, segment.size_bytes)
+    segment.append(data, offsets, timestamp_ms)
+
+
+def _records_in(raw: bytes) -> list[tuple[int, int, bytes]]:
+    """Every record of a segment file's bytes, checked with parse_record/decode_record."""
+    out, pos = [], SEGMENT_HEADER_SIZE
+    while pos < len(raw):
+        parsed = parse_record(raw, pos, len(raw))
+        assert parsed is not None, f"no valid record at {pos}"
+        out.append(decode_record(raw[pos:parsed[2]]))
+        pos = parsed[2]
+    return out
+
+
+def test_a_batch_with_large_bodies_is_a_buffer_list_of_the_same_bytes():
+    bodies = _bodies(MIXED_SIZES)
+    data, offsets = encode_batch(10, 5, bodies, start_offset=SEGMENT_HEADER_SIZE)
+    assert isinstance(data, list)
+    joined = b"".join(data)
+    assert joined == b"".join(encode_record(10 + i, 5, b) for i, b in enumerate(bodies))
+    for body in bodies:              # the large bodies are the caller's objects, not copies
+        assert any(part is body for part in data) == (len(body) >= LARGE)
+    for i, (offset, body) in enumerate(zip(offsets, bodies)):
+        rel = offset - SEGMENT_HEADER_SIZE
+        end = rel + RECORD_HEADER_SIZE + len(body)
+        assert parse_record(joined, rel, len(joined)) == (10 + i, 5, end)
+        assert decode_record(joined[rel:end]) == (10 + i, 5, body)
+
+
+def test_a_batch_of_small_bodies_stays_one_bytes_object():
+    data, _ = encode_batch(1, 2, [b"x" * (LARGE - 1), b"", b"y"], SEGMENT_HEADER_SIZE)
+    assert type(data) is bytes
+
+
+@settings(max_examples=150, deadline=None)
+@given(sizes=st.lists(st.one_of(st.sampled_from([0, 1, LARGE - 1, LARGE, LARGE + 1]),
+                                st.integers(min_value=0, max_value=3 * LARGE)), max_size=12),
+       kind=st.sampled_from([bytes, bytearray, memoryview]), first_id=st.integers(1, 2**40),
+       start=st.integers(SEGMENT_HEADER_SIZE, 2**31))
+def test_batch_encoding_equals_record_by_record_encoding(sizes, kind, first_id, start):
+    bodies = _bodies(sizes, seed=len(sizes))
+    data, offsets = encode_batch(first_id, 77, [kind(b) for b in bodies], start)
+    joined = data if isinstance(data, bytes) else b"".join(map(bytes, data))
+    assert joined == b"".join(encode_record(first_id + i, 77, b) for i, b in enumerate(bodies))
+    assert isinstance(data, list) == any(len(b) >= LARGE for b in bodies)
+    expected_offsets, pos = [], start
+    for body in bodies:
+        expected_offsets.append(pos)
+        pos += RECORD_HEADER_SIZE + len(body)
+    assert list(offsets) == expected_offsets
+
+
+def test_large_records_round_trip_through_a_segment(tmp_path):
+    batches = [_bodies(MIXED_SIZES, seed=s) for s in range(3)] + [_bodies([10] * 5, seed=9)]
+    expected = [body for batch in batches for body in batch]
+    segment = Segment.create(tmp_path, 1, 1000)
+    try:
+        for n, bodies in enumerate(batches):
+            _append(segment, bodies, 2000 + n)
+        got = _read_all(segment)
+        assert [i for i, _ in got] == list(range(1, len(expected) + 1))
+        assert [bytes(body) for _, body in got] == expected
+        assert all(type(body) is (memoryview if len(body) >= LARGE else bytes)
+                   for _, body in got)
+        views = [body for _, body in got if isinstance(body, memoryview)]
+        assert len({id(view.obj) for view in views}) < len(views)    # slices of one pread
+        assert all(view.readonly and view == bytes(view) and hash(view) == hash(bytes(view))
+                   for view in views)
+        for start in range(1, len(expected) + 1, 4):                 # runs that start anywhere
+            out = []
+            assert segment.read(start, 4, out) == []
+            assert [bytes(b) for _, b in out] == expected[start - 1:start + 3]
+        segment.sync()
+    finally:
+        segment.close()
+    seg_path = files.segment_path(tmp_path, 1)
+    assert [(i, ts, body) for i, ts, body in _records_in(seg_path.read_bytes())] == [
+        (k + 1, 2000 + n, body) for k, (n, body) in
+        enumerate((n, body) for n, batch in enumerate(batches) for body in batch)]
+    files.index_path(tmp_path, 1).unlink()          # rebuilt by scanning, then trusted
+    for active in (False, True, False):
+        segment = Segment.open(tmp_path, 1, active=active, check_every_record=active)
+        try:
+            assert [bytes(b) for _, b in _read_all(segment)] == expected
+            assert segment.lost_records == 0
+        finally:
+            segment.close()
+
+
+def test_a_damaged_large_body_is_skipped_and_reported(tmp_path):
+    segment = Segment.create(tmp_path, 1, 1000)
+    bodies = _bodies([70000, 65536, 2000], seed=4)
+    _append(segment, bodies)
+    segment.sync()
+    victim = segment.offsets[1] + RECORD_HEADER_SIZE + 40000
+    segment.close()
+    seg_path = files.segment_path(tmp_path, 1)
+    raw = bytearray(seg_path.read_bytes())
+    raw[victim] ^= 0x10
+    seg_path.write_bytes(bytes(raw))
+    segment = Segment.open(tmp_path, 1, active=False)
+    try:
+        out = []
+        assert segment.read(1, 3, out) == [2]
+        assert [(i, bytes(b)) for i, b in out] == [(1, bodies[0]), (3, bodies[2])]
+    finally:
+        segment.close()
+
+
+class _ShortWritev(OsLayer):
+    """The os functions, but a writev writes at most `limit` bytes (as the kernel may), and
+    more than IOV_MAX buffers in one call fail the test."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.buffer_counts: list[int] = []
+
+    def writev(self, fd, buffers):
+        assert 0 < len(buffers) <= IOV_MAX
+        self.buffer_counts.append(len(buffers))
+        return os.write(fd, b"".join(map(bytes, buffers))[:self.limit])
+
+
+@pytest.mark.parametrize("limit,count", [(1, 40), (7, 300), (1000, 2 * IOV_MAX + 5),
+                                         (1 << 30, 2 * IOV_MAX + 5)])
+def test_writev_all_loops_on_partial_writes_and_caps_buffers_per_call(tmp_path, limit, count):
+    rng = random.Random(limit)
+    buffers = [rng.randbytes(rng.choice([0, 1, 3, 50])) for _ in range(count)]
+    buffers += [memoryview(rng.randbytes(5000)), bytearray(b"tail")]
+    before = list(buffers)
+    path = tmp_path / "f"
+    layer = _ShortWritev(limit)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    try:
+        with fileio.installed(layer):
+            total = writev_all(fd, buffers)
+    finally:
+        os.close(fd)
+    expected = b"".join(map(bytes, buffers))
+    assert total == len(expected) and path.read_bytes() == expected
+    assert buffers == before and all(a is b for a, b in zip(buffers, before))  # caller's list
+    assert len(layer.buffer_counts) >= (count + 2 + IOV_MAX - 1) // IOV_MAX
+    if limit < len(expected):
+        assert len(layer.buffer_counts) >= len(expected) // limit
+
+
+def test_append_survives_short_writevs(tmp_path):
+    bodies = _bodies(MIXED_SIZES, seed=5)
+    segment = Segment.create(tmp_path, 1, 1000)
+    try:
+        with fileio.installed(_ShortWritev(4099)):
+            _append(segment, bodies)
+        assert [bytes(b) for _, b in _read_all(segment)] == bodies
+        assert segment.size_bytes == os.path.getsize(segment.path)
+    finally:
+        segment.close()
+
+
+def _check_only_acknowledged(tmp_path, acknowledged):
+    """The file holds exactly the acknowledged records, also after recovery (rule 7)."""
+    assert [body for _, _, body in _records_in(files.segment_path(tmp_path, 1).read_bytes())
+            ] == acknowledged
+    segment = Segment.open(tmp_path, 1, active=True, check_every_record=True)
+    try:
+        assert [bytes(b) for _, b in _read_all(segment)] == acknowledged
+    finally:
+        segment.close()
+
+
+@pytest.mark.parametrize("partial_bytes", [0, 10, RECORD_HEADER_SIZE + 30000,
+                                           2 * RECORD_HEADER_SIZE + 65536 + 3])
+def test_a_writev_failing_midway_leaves_no_partial_batch(tmp_path, partial_bytes):
+    segment = Segment.create(tmp_path, 1, 1000)
+    first, lost, kept = (_bodies([70000, 10, 2000], seed=1), _bodies([65536, 5, 65536], seed=2),
+                         _bodies([3000, 1], seed=3))
+    faults = FaultyFileIO(tmp_path)
+    try:
+        _append(segment, first)
+        size = segment.size_bytes
+        with fileio.installed(faults):
+            rule = faults.fail("write", errno.ENOSPC, partial_bytes=partial_bytes,
+                               path_contains=".seg")
+            with pytest.raises(OSError) as err:
+                _append(segment, lost)
+            assert err.value.errno == errno.ENOSPC and rule.fired == 1
+            assert faults.calls.get("writev") == 1         # a "write" rule strikes writev
+            assert os.path.getsize(segment.path) == size == segment.size_bytes
+            assert segment.end_id == 4 and len(segment.offsets) == 3
+            _append(segment, kept)
+        assert segment.end_id == 6
+        segment.sync()
+    finally:
+        segment.close()
+    _check_only_acknowledged(tmp_path, first + kept)
+
+
+class _ShortThenFailingWritev(OsLayer):
+    """The first writev writes `first_bytes` and returns (short); the next one fails."""
+
+    def __init__(self, first_bytes: int):
+        self.first_bytes = first_bytes
+        self.calls = 0
+
+    def writev(self, fd, buffers):
+        self.calls += 1
+        if self.calls == 1:
+            return os.write(fd, b"".join(map(bytes, buffers))[:self.first_bytes])
+        raise OSError(errno.EIO, "injected")
+
+
+def test_a_short_writev_then_an_error_cuts_the_batch_back(tmp_path):
+    segment = Segment.create(tmp_path, 1, 1000)
+    try:
+        _append(segment, _bodies([1500], seed=6))
+        size = segment.size_bytes
+        layer = _ShortThenFailingWritev(RECORD_HEADER_SIZE + 20000)
+        with fileio.installed(layer):
+            with pytest.raises(OSError) as err:
+                _append(segment, _bodies([65536, 65536], seed=7))
+        assert err.value.errno == errno.EIO and layer.calls == 2
+        assert os.path.getsize(segment.path) == size == segment.size_bytes
+        _append(segment, [b"after"])
+        segment.sync()
+    finally:
+        segment.close()
+    _check_only_acknowledged(tmp_path, _bodies([1500], seed=6) + [b"after"])
+
+
+def test_a_failed_writev_that_cannot_be_cut_back_is_cut_before_the_next_append(tmp_path):
+    segment = Segment.create(tmp_path, 1, 1000)
+    faults = FaultyFileIO(tmp_path)
+    try:
+        _append(segment, [b"one"])
+        size = segment.size_bytes
+        with fileio.installed(faults):
+            faults.fail("writev", errno.EIO, partial_bytes=5000)
+            faults.fail("ftruncate", errno.EIO)
+            with pytest.raises(OSError):
+                _append(segment, _bodies([65536], seed=8))
+            assert os.path.getsize(segment.path) == size + 5000     # left behind for now
+            assert segment.size_bytes == size and segment.end_id == 2
+            _append(segment, _bodies([LARGE], seed=9))
+        segment.sync()
+    finally:
+        segment.close()
+    _check_only_acknowledged(tmp_path, [b"one"] + _bodies([LARGE], seed=9))
