@@ -8,6 +8,9 @@ Rules:
   2. A leftover .tmp is a write that never completed; it is ignored and removed, never read.
   3. A file that exists but is not a JSON object raises CheckpointCorrupt; deciding what to fall
      back to is the caller's job (a checkpoint is a hint, the segments are the truth).
+  4. No state is kept here: the shard's background worker may write a checkpoint while the loop
+     works on other files; the caller makes sure only one write of a given file (and of its
+     .tmp) is ever in flight (background.py rule a).
 """
 from __future__ import annotations
 

@@ -10,7 +10,9 @@ Rules:
      the primary queue.json's record of it is trusted: a previous generation (.prev) may be
      one raise of the mark behind, so ids then continue PREVIOUS_GENERATION_ID_MARGIN above it.
      The clean flag is cleared on disk before the log changes (first push or purge), not at
-     open, so opening an idle queue after a clean stop writes nothing.
+     open, so opening an idle queue after a clean stop writes nothing. A new queue's first
+     queue.json already reserves the first block (and holds no clean flag), so its first push
+     writes nothing either.
   2. Delivery is at-least-once. A channel restored from a checkpoint is never ahead of what it
      had acked: a bad channels.json falls back to the previous generation (channels.json.prev),
      then to the oldest retained id (full redelivery); a channel is never lost or skipped.
@@ -25,6 +27,12 @@ Rules:
      the fsync it describes; it is refreshed with every checkpoint and whenever it lags the
      last fsync by POSITION_CHECKPOINT_BYTES, so after a crash only the records past it are
      checked one by one at open.
+  8. Periodic disk work (the interval fsync, the maintenance checkpoint) may run on the shard's
+     background worker as one job per queue (background.py rules a-g): the snapshot and the
+     positions are captured here on the loop, the job writes them, and its outcome is applied
+     here. Every synchronous write of this queue's files (queue.json, an explicit checkpoint,
+     purge, close, delete, and through the Wal a roll or a segment removal) first waits for
+     that job (_settle).
 """
 from __future__ import annotations
 
@@ -42,10 +50,11 @@ from floki.errors import (ChannelNotFound, FlokiError, InvalidParameter, QueueAl
                           QueueNotFound)
 from floki.names import validate_name
 from floki.shard import checkpoint, files, locks
+from floki.shard.background import BackgroundWorker, Job, WorkerStopped
 from floki.shard.channel import Channel
 from floki.shard.checkpoint import CheckpointCorrupt
 from floki.shard.segment import MAX_SEGMENT_BYTES, RECORD_HEADER_SIZE, SEGMENT_HEADER_SIZE
-from floki.shard.wal import DurablePosition, Wal
+from floki.shard.wal import DurablePosition, PendingSync, Wal
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +99,11 @@ class Queue:
         self._clean_on_disk = False             # queue.json on disk records a clean stop
         self._stored_position: DurablePosition | None = None    # in channels.json on disk
         self.messages_pushed = 0                # since this process opened it (/metrics)
+        # Rule 8: the background job in flight (at most one), and what ticks asked for while
+        # it was (coalesced into the next job, background.py rule d).
+        self._job: _PeriodicJob | None = None
+        self._want_sync = False
+        self._want_checkpoint = False
 
     # --- create / open ----------------------------------------------------------------------
 
@@ -118,8 +132,11 @@ class Queue:
             raise files.storage_error(exc, "create queue") from exc
         queue = cls(data_dir, name, directory, _lock(directory, name), settings, fsync)
         try:
+            # Rule 1: the first block of ids is reserved (and no clean flag written) in the
+            # queue.json a create writes anyway, so the first push needs no write of its own.
+            queue._high_water = ID_BLOCK
             queue._write_queue_file(clean_next_id=None)
-            queue._wal = Wal.open(directory, segment_size=settings.segment_size, min_next_id=1)
+            queue._open_wal(segment_size=settings.segment_size, min_next_id=1)
             queue.checkpoint()
         except BaseException:
             queue._abandon_quietly()
@@ -185,9 +202,8 @@ class Queue:
             min_next_id = 1
         # An unacked id in a checkpoint was delivered, so it was handed out: never below it.
         min_next_id = max([min_next_id] + [_last_unacked(s) + 1 for s in snapshots.values()])
-        self._wal = Wal.open(self.directory, segment_size=self.settings.segment_size,
-                             min_next_id=min_next_id, clean_stop=clean_next_id is not None,
-                             durable=stored_position)
+        self._open_wal(segment_size=self.settings.segment_size, min_next_id=min_next_id,
+                       clean_stop=clean_next_id is not None, durable=stored_position)
         first_id = self._wal.first_id
         for channel_name in names:
             channel = self._restore_channel(channel_name, snapshots.get(channel_name), first_id)
@@ -210,6 +226,12 @@ class Queue:
         log.info("queue %r opened: ids %d..%d, %d segment(s), %d channel(s)", self.name,
                  first_id, self._wal.next_id - 1, len(self._wal.segments()), len(self._channels))
 
+    def _open_wal(self, **options) -> None:
+        """Opens the Wal (Wal.open's options) and has it wait for this queue's background job
+        before its own synchronous disk work (rule 8)."""
+        self._wal = Wal.open(self.directory, **options)
+        self._wal.settle_background = self._settle
+
     def _stored_position_is_stale(self) -> bool:
         """True when the position in channels.json is ahead of what recovery found durable in
         the same segment (damage made recovery cut the log below it): it must not survive to
@@ -218,10 +240,13 @@ class Queue:
         return (stored is not None and durable is not None and stored.segment == durable.segment
                 and (stored.offset > durable.offset or stored.end_id > durable.end_id))
 
-    def _position_lag_bytes(self) -> int:
+    def _position_lag_bytes(self, durable: DurablePosition | None = None) -> int:
         """Bytes of the active segment that a restart after a crash would check record by
-        record because channels.json does not yet know they are durable."""
-        durable, stored = self._live_wal().durable, self._stored_position
+        record because channels.json does not yet know they are durable (at the Wal's durable
+        position, or at `durable`, the one a background fsync will make true)."""
+        if durable is None:
+            durable = self._live_wal().durable
+        stored = self._stored_position
         if durable is None:
             return 0
         if stored is None or stored.segment != durable.segment:
@@ -341,6 +366,11 @@ class Queue:
         Raises MessageTooLarge, DiskFull / StorageIOError (nothing of the batch stored).
         """
         wal = self._live_wal()
+        job = self._job
+        if job is not None and job.done:
+            # A finished job's outcome counts from now: above all a failed fsync, which makes
+            # this push the probe (wal.py rule 7). A job still running is not waited for.
+            self._settle()
         last_id = wal.next_id + len(bodies) - 1
         if last_id > self._high_water or self._clean_on_disk:
             # also clears a clean flag left from open before the log changes (rule 1)
@@ -363,18 +393,23 @@ class Queue:
     def needs_sync(self) -> bool:
         return self._live_wal().needs_sync
 
-    def sync(self) -> None:
-        """fsyncs everything appended so far; then, if the durable position moved
-        POSITION_CHECKPOINT_BYTES past the stored one, a checkpoint stores it (rule 7; its
-        failure is logged, not raised: it only makes a restart after a crash slower).
+    def sync(self, worker: BackgroundWorker | None = None) -> None:
+        """fsyncs everything appended so far, here and now (the "always" group commit; a job in
+        flight is waited for first); then, if the durable position moved
+        POSITION_CHECKPOINT_BYTES past the stored one, a checkpoint stores it (rule 7), on
+        `worker` when given (its failure is logged, not raised: it only makes a restart after
+        a crash slower).
         Raises DiskFull / StorageIOError when the fsync fails."""
-        self._live_wal().sync()
-        if self._position_lag_bytes() >= POSITION_CHECKPOINT_BYTES:
-            try:
-                self.checkpoint()
-            except FlokiError as exc:
-                log.warning("queue %r: cannot store the durable log position: %s", self.name,
-                            exc)
+        self._live_wal().sync()              # waits for the job in flight first (rule 8)
+        if self._position_lag_bytes() < POSITION_CHECKPOINT_BYTES:
+            return
+        if worker is not None:
+            self._start_periodic(worker)
+            return
+        try:
+            self.checkpoint()
+        except FlokiError as exc:
+            log.warning("queue %r: cannot store the durable log position: %s", self.name, exc)
 
     # --- get / ack --------------------------------------------------------------------------
 
@@ -527,14 +562,127 @@ class Queue:
 
     # --- maintenance ------------------------------------------------------------------------
 
-    def maintenance(self, now: float, now_ms: int, fsync_due: bool) -> None:
-        """One maintenance tick: retention, a checkpoint if channel state changed, and an fsync
-        if `fsync_due` in "interval" mode. Raises DiskFull / StorageIOError."""
+    def maintenance(self, now: float, now_ms: int, fsync_due: bool,
+                    worker: BackgroundWorker | None = None) -> None:
+        """One maintenance tick: retention (here), then a checkpoint if channel state changed
+        (or the durable position lags, rule 7), and an fsync if `fsync_due` in "interval" mode.
+
+        With `worker`, the fsync and the checkpoint are one background job (rule 8); a tick
+        while this queue's job is in flight is coalesced: resume_background() submits it when
+        that job is applied. Without one they run here, fsync first, so the checkpoint stores
+        the position it made durable.
+        Raises DiskFull / StorageIOError: of retention, and without a worker of the fsync or
+        the checkpoint (with a worker their failures are handled when the job is applied).
+        """
         self._apply_retention(now_ms)
-        if self._dirty or self._position_lag_bytes() >= POSITION_CHECKPOINT_BYTES:
-            self.checkpoint()
+        self._want_checkpoint = True
         if fsync_due and self.fsync == "interval":
-            self.sync()
+            self._want_sync = True
+        self._start_periodic(worker)
+
+    def interval_sync(self, worker: BackgroundWorker | None = None) -> None:
+        """The fsync timer's tick ("interval" mode): what maintenance() does with fsync_due,
+        without retention and without a checkpoint unless the durable position lags (rule 7).
+        Raises as maintenance() does."""
+        if self.fsync == "interval":
+            self._want_sync = True
+        self._start_periodic(worker)
+
+    def resume_background(self, job: Job, worker: BackgroundWorker | None) -> None:
+        """Loop side, once the worker completed `job` (this queue's): applies it unless
+        something already waited for it, then submits the work ticks coalesced meanwhile
+        (background.py rule d; with no worker, e.g. at shutdown, that work is left to the
+        clean close). Never waits: a newer job in flight carries the coalesced work instead.
+        Nothing for a closed queue.
+        Raises what applying the job raises (only non-Exception errors, rule c)."""
+        if self._job is job:
+            job.apply()
+        if self._wal is None or worker is None or self._job is not None:
+            return
+        if self._want_sync or self._want_checkpoint:
+            self._start_periodic(worker)
+
+    @property
+    def background_job(self) -> "_PeriodicJob | None":
+        """This queue's background job in flight, if any (rule 8)."""
+        return self._job
+
+    def _start_periodic(self, worker: BackgroundWorker | None) -> None:
+        """Builds the periodic job ticks asked for and submits it to `worker`, or runs it here
+        (no worker: errors raised; worker stopped: errors logged)."""
+        if worker is None:
+            self._settle()
+        elif self._job is not None:
+            return                          # coalesced (background.py rule d)
+        job = self._build_periodic_job(inline=worker is None)
+        if job is None:
+            return
+        self._job = job
+        if worker is not None:
+            try:
+                worker.submit(job)
+                return
+            except WorkerStopped:
+                log.info("queue %r: background worker stopped; doing its work here", self.name)
+        job.run()
+        job.apply()
+        if job.inline and job.failure is not None:
+            if job.failure is job.checkpoint_error:
+                raise job.failure
+            raise job.failure from job.sync_error
+
+    def _build_periodic_job(self, inline: bool) -> "_PeriodicJob | None":
+        """Captures, on the loop, what the periodic job will write (background.py rule b).
+        Returns None when there is nothing to do. Raises OSError if the segment's fd cannot be
+        duplicated."""
+        wal = self._live_wal()
+        want_sync = self._want_sync and self.fsync == "interval"
+        want_checkpoint = self._want_checkpoint
+        self._want_sync = self._want_checkpoint = False
+        pending = wal.start_sync() if want_sync else None
+        durable_now = wal.durable
+        position = pending.position if pending is not None else durable_now
+        store = ((want_checkpoint and self._dirty)
+                 or self._position_lag_bytes(position) >= POSITION_CHECKPOINT_BYTES)
+        if pending is None and not store:
+            return None
+        snapshot = None
+        if store:
+            snapshot = self._snapshot()
+            # Cleared now: a change after this snapshot sets it again; a failed write of the
+            # snapshot sets it again when the job is applied (rule c).
+            self._dirty = False
+        return _PeriodicJob(self, pending, snapshot, self._channels_file_good, durable_now,
+                            inline)
+
+    def _finish_job(self, job: "_PeriodicJob") -> None:
+        """Loop side (Job.finish): applies a periodic job's outcome (background.py rules b, c).
+        Raises what the job's work raised if that was not an Exception (a test's power loss)."""
+        self._job = None
+        wal = self._wal
+        if job.sync is not None and wal is not None:
+            job.failure = wal.finish_sync(job.sync, job.sync_error)
+        if job.snapshot is not None:
+            if job.checkpoint_error is None and job.stored:
+                self._channels_file_good = True
+                self._stored_position = job.stored_position
+            else:
+                self._dirty = True          # the next tick writes it (rule c)
+                if job.failure is None:
+                    job.failure = job.checkpoint_error
+                if not job.inline:
+                    log.error("queue %r: checkpoint failed (%s); retrying at the next tick",
+                              self.name, job.checkpoint_error,
+                              exc_info=not isinstance(job.checkpoint_error, FlokiError))
+        if job.error is not None:
+            raise job.error
+
+    def _settle(self) -> None:
+        """Waits for this queue's background job in flight, if any, and applies it (rule 8).
+        Raises what applying it raises (only non-Exception errors)."""
+        job = self._job
+        if job is not None:
+            job.apply()
 
     def _apply_retention(self, now_ms: int) -> None:
         """Removes whole segments from the oldest, stopping at the first one kept (rule 4)."""
@@ -575,17 +723,24 @@ class Queue:
 
     def checkpoint(self) -> None:
         """Writes channels.json (every cursor and unacked id runs) atomically, keeping the
-        previous good file as channels.json.prev. Raises DiskFull / StorageIOError."""
+        previous good file as channels.json.prev, here and now (a job in flight is waited for
+        first). Raises DiskFull / StorageIOError."""
+        self._settle()
         wal = self._live_wal()
         # Read before writing: the position was made true by an fsync that already returned.
         position = wal.durable
-        data = {"format": FORMAT,
-                "channels": {n: ch.snapshot() for n, ch in sorted(self._channels.items())}}
+        data = self._snapshot()
         if position is not None:
             data["log"] = position.to_dict()
         self._replace(files.channels_file(self.directory), data, "_channels_file_good")
         self._stored_position = position
         self._dirty = False
+
+    def _snapshot(self) -> dict:
+        """Returns channels.json's content but the log position: fresh objects, never changed
+        afterwards, so another thread may encode them (background.py rule b)."""
+        return {"format": FORMAT,
+                "channels": {n: ch.snapshot() for n, ch in sorted(self._channels.items())}}
 
     def _write_queue_file(self, clean_next_id: int | None) -> None:
         data = {"format": FORMAT, "settings": self.settings.to_dict(),
@@ -595,33 +750,10 @@ class Queue:
         self._clean_on_disk = clean_next_id is not None
 
     def _replace(self, path: Path, data: dict, good_flag: str) -> None:
-        """Replaces a checkpoint file, first keeping the current one (known good) as .prev."""
-        if getattr(self, good_flag):
-            previous = files.previous_path(path)
-            link_tmp = files.tmp_path(previous)
-            try:
-                try:
-                    os.unlink(link_tmp)
-                except FileNotFoundError:
-                    pass
-                # A hard link keeps the current file in place until the new one replaces it,
-                # so there is no moment without a primary; write_atomic's directory fsync
-                # makes this rename durable too.
-                os.link(path, link_tmp)
-                os.replace(link_tmp, previous)
-            except OSError as exc:
-                log.warning("queue %r: cannot keep %s (%s); writing without a backup",
-                            self.name, previous.name, exc)
-                # An older generation must never pass for the one just before the new file
-                # (rule 1 bounds how far the primary is ahead of its .prev).
-                try:
-                    os.unlink(previous)
-                except FileNotFoundError:
-                    pass
-                except OSError as unlink_exc:
-                    log.error("queue %r: cannot remove the stale %s either: %s", self.name,
-                              previous.name, unlink_exc)
-        checkpoint.write_json(path, data)
+        """Replaces a checkpoint file, first keeping the current one (known good) as .prev,
+        after this queue's background job (rule 8). Raises DiskFull / StorageIOError."""
+        self._settle()
+        _replace_file(path, data, getattr(self, good_flag), self.name)
         setattr(self, good_flag, True)
 
     # --- lifetime ---------------------------------------------------------------------------
@@ -634,6 +766,7 @@ class Queue:
         if wal is None:
             return
         try:
+            self._settle()
             wal.sync()
             self.checkpoint()
             self._high_water = wal.next_id - 1
@@ -647,6 +780,7 @@ class Queue:
         so a crash leaves either the whole queue or no queue.
         Raises StorageIOError if the rename fails (the queue is closed, its files untouched)."""
         try:
+            self._settle()
             self._close_wal(sync=False)
             trash = files.deleting_dir(self.data_dir, self.name, secrets.token_hex(4))
             try:
@@ -732,7 +866,92 @@ class Queue:
         }
 
 
+# --- the periodic job (rule 8) -------------------------------------------------------------------
+
+class _PeriodicJob(Job):
+    """One queue's periodic disk work on the background worker: an interval fsync of its log,
+    then channels.json with the snapshot taken on the loop and the position that fsync made
+    durable (the one durable before it, if it failed). Either part may be absent."""
+
+    def __init__(self, queue: Queue, sync: PendingSync | None, snapshot: dict | None,
+                 keep_previous: bool, durable_before: DurablePosition | None, inline: bool):
+        super().__init__(queue)
+        self.queue = queue
+        self.sync = sync
+        self.snapshot = snapshot
+        self.keep_previous = keep_previous     # channels.json on disk was known good
+        self.durable_before = durable_before
+        self.inline = inline                   # run by the caller, who raises its failure
+        self.path = files.channels_file(queue.directory)
+        self.name = queue.name
+        self.sync_error: BaseException | None = None
+        self.checkpoint_error: BaseException | None = None
+        self.stored = False
+        self.stored_position: DurablePosition | None = None
+        self.failure: BaseException | None = None   # set by finish(): an inline caller raises it
+
+    def work(self) -> None:
+        if self.sync is not None:
+            try:
+                self.sync.run()
+            except BaseException as exc:
+                self.sync_error = exc
+                if not isinstance(exc, Exception):
+                    raise
+            finally:
+                self.fsync_seconds = self.sync.fsync_seconds
+        if self.snapshot is not None:
+            synced = self.sync is not None and self.sync_error is None
+            position = self.sync.position if synced else self.durable_before
+            data = dict(self.snapshot)
+            if position is not None:
+                data["log"] = position.to_dict()
+            try:
+                _replace_file(self.path, data, self.keep_previous, self.name)
+            except BaseException as exc:
+                self.checkpoint_error = exc
+                if not isinstance(exc, Exception):
+                    raise
+            else:
+                self.stored, self.stored_position = True, position
+
+    def finish(self) -> None:
+        self.queue._finish_job(self)
+
+
 # --- helpers ------------------------------------------------------------------------------------
+
+def _replace_file(path: Path, data: dict, keep_previous: bool, queue_name: str) -> None:
+    """Replaces a checkpoint file; with `keep_previous` (the current file is known good) it is
+    first kept as .prev. Touches only these files, so the background worker may run it.
+    Raises DiskFull / StorageIOError, TypeError / ValueError (data not JSON)."""
+    if keep_previous:
+        previous = files.previous_path(path)
+        link_tmp = files.tmp_path(previous)
+        try:
+            try:
+                os.unlink(link_tmp)
+            except FileNotFoundError:
+                pass
+            # A hard link keeps the current file in place until the new one replaces it,
+            # so there is no moment without a primary; write_atomic's directory fsync
+            # makes this rename durable too.
+            os.link(path, link_tmp)
+            os.replace(link_tmp, previous)
+        except OSError as exc:
+            log.warning("queue %r: cannot keep %s (%s); writing without a backup",
+                        queue_name, previous.name, exc)
+            # An older generation must never pass for the one just before the new file
+            # (rule 1 bounds how far the primary is ahead of its .prev).
+            try:
+                os.unlink(previous)
+            except FileNotFoundError:
+                pass
+            except OSError as unlink_exc:
+                log.error("queue %r: cannot remove the stale %s either: %s", queue_name,
+                          previous.name, unlink_exc)
+    checkpoint.write_json(path, data)
+
 
 def _backlog(segments: Sequence, position: int) -> int:
     """Messages at or after `position`, counted per segment: the ids a crash skipped (the

@@ -1,11 +1,12 @@
 """ShardServer: the shard's ZeroMQ ROUTER loop.
 
-Owns: turning wire requests into calls on the Catalog's queues, group commit, parked long polls
-and the shard's timers (fsync interval, maintenance).
+Owns: turning wire requests into calls on the Catalog's queues, group commit, parked long polls,
+the shard's timers (fsync interval, maintenance) and its background worker.
 Rules:
-  1. Single-threaded. One loop pass: take every request waiting on the socket (up to a cap),
-     execute them, then (fsync = "always") fsync each queue that was appended to ONCE, and only
-     then send the replies: pushes that arrive while one fsync runs share the next one.
+  1. Single-threaded loop (the periodic disk work runs on one worker thread, rule 6). One
+     pass: take every request waiting on the socket (up to a cap), execute them, then
+     (fsync = "always") fsync each queue that was appended to ONCE, and only then send the
+     replies: pushes that arrive while one fsync runs share the next one.
   2. A reply is sent only after the work it reports is done (written to the OS; fsynced in
      "always" mode). If that fsync fails the shard exits without replying (the supervisor
      restarts it and recovery decides what is on disk): an unsynced push is never acknowledged.
@@ -17,6 +18,10 @@ Rules:
   5. STATS (wire.py) is answered with `stats()`, the numbers the frontend's /metrics shows: built
      from counters the queues keep as plain ints, so a scrape costs no scan of anything in
      flight. Counters start at 0 with the process; `start_time_s` tells a new life.
+  6. The timers' disk work (interval fsync, maintenance checkpoints) is handed to `background`,
+     one BackgroundWorker thread, per queue.py rule 8 and background.py rules a-g: each pass
+     first applies the jobs it completed and resubmits what their queues' ticks coalesced;
+     serve() stops and joins it before returning, so the queues' clean close comes after.
 """
 from __future__ import annotations
 
@@ -38,6 +43,7 @@ from floki.config import RUNTIME_KEYS, ConfigError, ServerConfig
 from floki.errors import (ChannelAlreadyExists, DiskFull, FlokiError, InvalidParameter,
                           QueueAlreadyExists, StorageIOError, WrongShard, to_reply)
 from floki.histogram import Histogram
+from floki.shard.background import BackgroundWorker
 from floki.shard.catalog import Catalog
 
 log = logging.getLogger(__name__)
@@ -103,6 +109,8 @@ class ShardServer:
         self.timers = _Timers(now + config.maintenance_interval, now + config.fsync_interval)
         self.started = time.time()
         self.fsync_seconds = Histogram(FSYNC_BUCKETS_S)   # Queue.sync() calls that fsynced
+        # and background jobs that fsynced (rule 6)
+        self.background = BackgroundWorker(f"floki-shard-{index}-disk")
         self.handlers: dict[type, Callable] = {
             rq.Push: self.push, rq.Get: self.get, rq.Ack: self.ack,
             rq.SeekId: self.seek_id, rq.SeekTimestamp: self.seek_timestamp,
@@ -117,7 +125,8 @@ class ShardServer:
     # --- the loop ----------------------------------------------------------------------------
 
     def serve(self, should_stop: Callable[[], bool]) -> None:
-        """Runs until should_stop() is true. Raises FsyncFailed (the caller exits non-zero)."""
+        """Runs until should_stop() is true, then stops the background worker (rule 6).
+        Raises FsyncFailed (the caller exits non-zero at once: the worker is not joined)."""
         poller = zmq.Poller()
         poller.register(self.socket, zmq.POLLIN)
         while not should_stop():
@@ -126,6 +135,28 @@ class ShardServer:
             self._finish_pass()
             self._run_timers(time.monotonic())
             self._finish_pass()
+        self.stop_background()
+
+    def stop_background(self) -> None:
+        """Shard shutdown (background.py rule e): the worker takes no more jobs, finishes the
+        queued ones and is joined; their outcomes are applied here. Coalesced work is left to
+        the queues' clean close, which fsyncs and checkpoints anyway. Idempotent."""
+        for job in self.background.stop():
+            self._complete_job(job, None)
+
+    def _apply_background(self) -> None:
+        """Applies the jobs the worker completed since the last pass, and submits what their
+        queues' ticks coalesced meanwhile (rule 6)."""
+        for job in self.background.take_completed():
+            self._complete_job(job, self.background)
+
+    def _complete_job(self, job, worker: BackgroundWorker | None) -> None:
+        if job.fsync_seconds is not None:
+            self.fsync_seconds.observe(job.fsync_seconds)
+        try:
+            job.owner.resume_background(job, worker)
+        except Exception:
+            log.exception("queue %r: applying its background job failed", job.owner.name)
 
     def _poll_timeout_ms(self) -> int:
         now = time.monotonic()
@@ -208,7 +239,9 @@ class ShardServer:
         outbox += wire.encode_reply(request_id, status, payload)
 
     def _finish_pass(self) -> None:
-        """Group commit, then replies, then wake long polls on queues that got messages."""
+        """Background completions, group commit, then replies, then wake long polls on queues
+        that got messages."""
+        self._apply_background()
         appended, self.appended = self.appended, set()
         if appended and self.config.fsync == "always":
             for name in appended:
@@ -227,7 +260,7 @@ class ShardServer:
     def _sync(self, queue) -> None:
         """queue.sync(), timed into the fsync histogram. Raises what queue.sync raises."""
         started = time.perf_counter()
-        queue.sync()
+        queue.sync(self.background)
         self.fsync_seconds.observe(time.perf_counter() - started)
 
     def _flush_outbox(self) -> None:
@@ -251,22 +284,27 @@ class ShardServer:
 
     def _run_timers(self, now: float) -> None:
         timers = self.timers
-        if self.config.fsync == "interval" and now >= timers.next_fsync:
+        # The ticks only capture and submit; the fsyncs and checkpoint writes run on the
+        # background worker (rule 6), their failures handled when applied (background.py c).
+        fsync_due = self.config.fsync == "interval" and now >= timers.next_fsync
+        if fsync_due:
             timers.next_fsync = now + self.config.fsync_interval
-            for queue in self.catalog:
-                if queue.needs_sync:
-                    try:
-                        self._sync(queue)
-                    except _SYNC_ERRORS:
-                        log.exception("queue %r: fsync failed", queue.name)
-        if now >= timers.next_maintenance:
+        maintenance_due = now >= timers.next_maintenance
+        if maintenance_due:
             timers.next_maintenance = now + self.config.maintenance_interval
             now_ms = time.time_ns() // 1_000_000
             for queue in self.catalog:
                 try:
-                    queue.maintenance(now, now_ms, False)
+                    queue.maintenance(now, now_ms, fsync_due, self.background)
                 except Exception:
                     log.exception("queue %r: maintenance failed", queue.name)
+        elif fsync_due:
+            for queue in self.catalog:
+                if queue.needs_sync:
+                    try:
+                        queue.interval_sync(self.background)
+                    except Exception:
+                        log.exception("queue %r: fsync failed", queue.name)
         self._forget_dead_peers(now)
         while self.deadlines and self.deadlines[0][0] <= now:
             _, _, parked = heapq.heappop(self.deadlines)

@@ -13,7 +13,8 @@ Rules:
      record lands in it; a segment is fsynced when it is sealed by a roll.
   4. Every append is one write of the whole batch, done before append returns; no record is
      held in user space and no per-message Python object is kept (4 bytes of index each).
-  5. synced_next_id only moves in sync() (or at open/purge): every id below it is on disk.
+  5. synced_next_id only moves in sync() and finish_sync() (or at open/roll/purge): every id
+     below it is on disk.
   6. The active (last) segment is never removed by retention.
   7. A failed fsync makes the log FAILED (RELIABILITY rule 6): appends are refused with the
      error until an fsync succeeds again; the next append, or the next sync() (the shard's
@@ -23,25 +24,34 @@ Rules:
      fsync that made it true succeeded, so a checkpoint that stores it is never ahead of the
      disk. After an unclean stop, open(durable=...) checks records one by one only after it
      (segment.py rule 7); a position that does not match the files exactly is ignored.
+  9. The periodic fsync may run on the shard's background worker (background.py): start_sync()
+     captures, on the loop, what it will cover (next_id, durable position) and dups the
+     segment's fd; PendingSync.run() fsyncs on the worker; finish_sync(), on the loop again,
+     moves synced_next_id and durable, or makes the log FAILED (rule 7). While one is pending,
+     appends go on (they only write), but every synchronous fsync, roll, purge, segment removal
+     and close first calls `settle_background` (set by the owner) to wait for the owner's job
+     in flight, so only one fsync of this log is ever in flight and its outcome is applied
+     before anything else touches the files.
 """
 from __future__ import annotations
 
 import enum
 import logging
+import os
 import time
 from bisect import bisect_right
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
-from floki.errors import FlokiError, MessageTooLarge
+from floki.errors import FlokiError, MessageTooLarge, StorageIOError
 from floki.shard import fileio, files
 from floki.shard.segment import (MAX_SEGMENT_BYTES, RECORD_HEADER_SIZE, SEGMENT_HEADER_SIZE,
                                  CorruptSegment, Segment, UnfinishedSegment,
                                  UnsupportedFormat, encode_batch)
 
-__all__ = ["Wal", "WalHealth", "SegmentInfo", "DurablePosition", "CorruptSegment",
-           "UnsupportedFormat"]
+__all__ = ["Wal", "WalHealth", "SegmentInfo", "DurablePosition", "PendingSync",
+           "CorruptSegment", "UnsupportedFormat"]
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +91,49 @@ class DurablePosition:
         return cls(segment, offset, end_id)
 
 
+@dataclass(eq=False)
+class PendingSync:
+    """One fsync of a log to be run off the loop (rule 9). Everything in it was captured on the
+    loop by Wal.start_sync(); run() touches nothing else, so it is safe on another thread."""
+    directory: Path
+    segment_fd: int           # a dup of the active segment's fd, closed by run() (background g)
+    index_path: Path          # the active segment's index, fsynced through a fd of run()'s own
+    sync_directory: bool      # names changed since the last directory fsync (or a probe)
+    probe: bool               # the log was FAILED: success makes it OK (rule 7)
+    next_id: int              # synced_next_id once it succeeded
+    position: DurablePosition  # durable once it succeeded (rule 8)
+    fsync_seconds: float = 0.0
+    ran: bool = False
+
+    def run(self) -> None:
+        """Worker side: fsyncs the segment, its index and, if needed, the directory; closes the
+        dup'd fd whatever happens. Call once. Raises OSError."""
+        started = time.perf_counter()
+        try:
+            fileio.fsync(self.segment_fd)
+            try:
+                index_fd = fileio.open(self.index_path, os.O_RDONLY | os.O_CLOEXEC)
+            except FileNotFoundError:
+                index_fd = None       # removed behind our back: a hint, rebuilt at the next open
+            if index_fd is not None:
+                try:
+                    fileio.fsync(index_fd)
+                finally:
+                    fileio.close(index_fd)
+            if self.sync_directory:
+                files.fsync_directory(self.directory)
+        finally:
+            self.ran = True
+            self.fsync_seconds = time.perf_counter() - started
+            fileio.close(self.segment_fd)
+
+    def discard(self) -> None:
+        """Releases the dup'd fd of a PendingSync that will never run."""
+        if not self.ran:
+            self.ran = True
+            fileio.close(self.segment_fd)
+
+
 class WalHealth(enum.Enum):
     OK = "ok"
     FAILED = "failed"       # an fsync failed; appends are refused until one succeeds (rule 7)
@@ -108,6 +161,10 @@ class Wal:
         self.failure: FlokiError | None = None      # the error that made the log FAILED
         self._append_failing = False                # a write failed; logged once (rule 7)
         self.durable: DurablePosition | None = None  # set by open() and every sync (rule 8)
+        self._pending: PendingSync | None = None     # a background fsync in flight (rule 9)
+        # Waits for the owner's background job in flight and applies it (rule 9); the owner
+        # (Queue) sets it. A Wal used alone never has one.
+        self.settle_background: Callable[[], None] = _nothing
 
     # --- open and recovery ------------------------------------------------------------------
 
@@ -253,6 +310,7 @@ class Wal:
         """Seals the active segment and starts a new one named next_id (rules 2, 3).
         An empty active segment is removed instead of sealed. Returns the new segment.
         Raises DiskFull / StorageIOError with the old segment still active."""
+        self._settle()
         old = self._segments[-1]
         old_is_empty = old.end_id == old.first_id
         if not old_is_empty:
@@ -300,6 +358,7 @@ class Wal:
         fsynced again and success makes the log OK (rule 7).
         Raises DiskFull / StorageIOError (the log is then FAILED)."""
         self._check_open()
+        self._settle()
         if not self.needs_sync:
             return
         failed = self.health is WalHealth.FAILED
@@ -330,6 +389,73 @@ class Wal:
                       self.directory, error)
         self.health, self.failure = WalHealth.FAILED, error
         return error
+
+    # --- background fsync (rule 9) ----------------------------------------------------------
+
+    def start_sync(self) -> PendingSync | None:
+        """Loop side: captures what an fsync started now covers, for a background worker to run
+        (PendingSync.run) and finish_sync() to apply. At most one is pending at a time.
+
+        Returns None when there is nothing to sync (needs_sync is False).
+        Raises ValueError if one is already pending or the log is closed, OSError if the fd
+        cannot be duplicated (nothing is pending then).
+        """
+        self._check_open()
+        if self._pending is not None:
+            raise ValueError(f"queue log {self.directory}: a background fsync is in flight")
+        if not self.needs_sync:
+            return None
+        active = self._segments[-1]
+        failed = self.health is WalHealth.FAILED
+        # background.py rule g: the loop closes the segment's fd (roll, purge, close) only after
+        # waiting for this sync, but a fd of its own keeps the job independent of that promise.
+        fd = os.dup(active.fd)
+        self._pending = PendingSync(
+            self.directory, fd, active.index_path, sync_directory=self._dir_dirty or failed,
+            probe=failed, next_id=self.next_id,
+            position=DurablePosition(active.first_id, active.size_bytes, active.end_id))
+        return self._pending
+
+    def finish_sync(self, pending: PendingSync, error: BaseException | None
+                    ) -> FlokiError | None:
+        """Loop side: applies a PendingSync after it ran. With no error, synced_next_id and
+        durable move to what it captured (never further, rule 8) and a probe makes the log OK
+        again; with an error the log becomes FAILED (rule 7).
+
+        Returns the client-visible error (DiskFull / StorageIOError) of a failed fsync, or None.
+        Raises ValueError if `pending` is not this log's pending sync.
+        """
+        if pending is not self._pending:
+            raise ValueError(f"queue log {self.directory}: not the pending fsync")
+        self._pending = None
+        pending.discard()
+        if error is not None:
+            if isinstance(error, OSError):
+                return self._fail(files.storage_error(error, "sync"))
+            return self._fail(StorageIOError(f"I/O error (sync: {error!r})"))
+        # Nothing else fsynced or changed the directory while it ran (rule 9: all of that
+        # settles first), so what it captured is exactly what became durable.
+        self.synced_next_id = max(self.synced_next_id, pending.next_id)
+        if pending.sync_directory:
+            self._dir_dirty = False
+        position, durable = pending.position, self.durable
+        if (not self._closed and position.segment == self._segments[-1].first_id
+                and (durable is None or durable.segment != position.segment
+                     or position.offset > durable.offset)):
+            self.durable = position
+        if pending.probe and self.health is WalHealth.FAILED:
+            log.warning("queue log %s: fsync works again; accepting appends (it failed with: "
+                        "%s)", self.directory, self.failure)
+            self.health, self.failure = WalHealth.OK, None
+        return None
+
+    def _settle(self) -> None:
+        """Waits for the owner's background job (a pending fsync, or other work on this
+        queue's files) and applies it (rule 9)."""
+        self.settle_background()
+        if self._pending is not None:
+            raise RuntimeError(f"queue log {self.directory}: a background fsync is still "
+                               "pending after its owner settled it")
 
     # --- reading ----------------------------------------------------------------------------
 
@@ -417,6 +543,7 @@ class Wal:
         self._check_open()
         if len(self._segments) <= 1:
             raise ValueError("the active segment is never removed")
+        self._settle()
         info = self.segments()[0]
         segment = self._segments[0]
         try:
@@ -434,6 +561,7 @@ class Wal:
         the old data and the new segment; ids never go back).
         Raises DiskFull / StorageIOError."""
         self._check_open()
+        self._settle()
         active = self._segments[-1]
         if not (active.end_id == active.first_id == self.next_id):
             try:
@@ -476,11 +604,15 @@ class Wal:
         if self._closed:
             return
         try:
-            self.sync()
+            self.sync()          # settles a background fsync first (rule 9)
         finally:
             self._closed = True
             for segment in self._segments:
                 segment.close()
+
+
+def _nothing() -> None:
+    """The settle_background of a Wal no owner runs background fsyncs for."""
 
 
 def _unlink_missing_ok(path: Path) -> None:

@@ -121,14 +121,17 @@ def test_a_partial_record_left_by_a_crash_is_cut_at_restart(data_dir, faults):
         reopened.close()
 
 
-def test_disk_full_while_raising_the_id_high_water_mark_stores_nothing(data_dir, faults):
-    queue = make_queue(data_dir)            # its first push must raise the high-water mark
+def test_disk_full_while_raising_the_id_high_water_mark_stores_nothing(data_dir, faults,
+                                                                        monkeypatch):
+    monkeypatch.setattr("floki.shard.queue.ID_BLOCK", 4)
+    queue = make_queue(data_dir)            # its create reserved ids 1..4
+    assert queue.push([b"a", b"b", b"c", b"d"], 1) == (1, 4)
     rule = faults.fail("write", errno.ENOSPC, times=None, path_contains=files.QUEUE_FILE)
     with pytest.raises(DiskFull):
-        queue.push([b"m"], 1)
-    assert rule.fired >= 1 and all_messages(queue) == []
+        queue.push([b"m"], 1)               # id 5 must raise the high-water mark first
+    assert rule.fired >= 1 and [i for i, _ in all_messages(queue)] == [1, 2, 3, 4]
     faults.clear()
-    assert queue.push([b"m"], 1) == (1, 1)
+    assert queue.push([b"m"], 1) == (5, 5)
     queue.close()
 
 
@@ -246,7 +249,14 @@ class ShardRig:
         assert (got_rid, status) == (rid, wire.RESP)
         return payload
 
+    def timers(self, now: float) -> None:
+        """Runs the shard's timers at `now` and waits for the background jobs they started
+        (applied by the next push to their queue, or the next pass)."""
+        self.server._run_timers(now)
+        assert self.server.background.wait_idle(5.0)
+
     def close(self) -> None:
+        self.server.stop_background()
         self.catalog.close()
         self.dealer.close()
         self.router.close()
@@ -291,11 +301,13 @@ def test_after_a_failed_interval_fsync_rpush_is_refused_until_the_timer_probe_wo
     rig.call("SET", "q", "c")
     assert rig.call("RPUSH", "q", "m1") == b":1\r\n"
     faults.fail("fsync", errno.EIO, times=None, path_contains=".seg")
-    rig.server._run_timers(time.monotonic() + 10)             # the fsync timer: it fails
+    rig.timers(time.monotonic() + 10)             # the fsync timer: it fails (in the background)
     assert rig.call("RPUSH", "q", "m2").startswith(b"-ERR I/O error")
     assert b"m1" in rig.call("HMGET", "q", "c", "10")
     faults.clear()
-    rig.server._run_timers(time.monotonic() + 20)             # the probe succeeds
+    rig.timers(time.monotonic() + 20)             # the probe succeeds
+    rig.server._finish_pass()                     # ... and is applied by the next pass
+    assert rig.catalog.get("q")._live_wal().health is WalHealth.OK
     assert rig.call("RPUSH", "q", "m3") == b":1\r\n"
 
 

@@ -12,6 +12,11 @@ lost), sometimes cuts the power again during recovery, then reopens the queue an
     so is every message a consumer received.
   - "interval" / "never": what is lost is a suffix of the acknowledged pushes (never one in the
     middle) that starts after the last fsync that completed ("interval": the last interval).
+Half the maintenance ticks hand their fsync and checkpoint to the background worker's job
+(background.py), run by SteppedWorker at chosen points of the workload (pushes, gets and acks
+go on between the capture, the fsync and the applying of its outcome), so the power also goes
+out before, during and after background fsyncs; an id counts as synced once the job's fsync
+RETURNED, whatever the engine then recorded.
 A message may be missing only if the consumer had acked it (retention may remove it) or a purge
 had started. The seed of a failing run is in the assertion message; FLOKI_POWER_LOSS_SEED=N
 replays the runs from seed N.
@@ -30,6 +35,7 @@ import pytest
 from faultfs import FaultyFileIO, PowerLost
 from floki.config import QueueSettings
 from floki.shard import fileio, files
+from floki.shard.background import Job
 from floki.shard.queue import Queue
 from floki.shard.wal import Wal
 
@@ -61,11 +67,50 @@ class History:
         return id_ in self.consumer_acked or id_ < self.purge_floor
 
 
+class SteppedWorker:
+    """BackgroundWorker's place in the workload: a submitted job runs on this thread when the
+    workload steps it, or when the queue waits for it (Job.apply), so a run replays exactly
+    from its seed. `ran(job)` is called after each run."""
+
+    def __init__(self, ran: Callable[[Job], None]):
+        self.queued: list[Job] = []
+        self.ran_jobs: list[Job] = []          # ran, maybe not applied yet
+        self._ran = ran
+
+    def submit(self, job: Job) -> None:
+        self.queued.append(job)
+        apply = job.apply
+
+        def run_then_apply() -> None:        # the loop waits for the worker (rule a)
+            self.step(job)
+            apply()
+        job.apply = run_then_apply
+
+    def step(self, job: Job) -> None:
+        if job in self.queued:
+            self.queued.remove(job)
+            job.run()
+            self.ran_jobs.append(job)
+            self._ran(job)
+
+
 def run_workload(queue_dir_parent: Path, rng: random.Random, history: History,
                  after_sync: Callable[[], None] | None = None) -> None:
     """Drives one queue until STEPS are done (or PowerLost escapes). `after_sync` is called
-    after every fsync the workload asked for (a group commit, an interval fsync)."""
+    after every fsync the workload asked for (a group commit, an interval fsync, a background
+    job's fsync)."""
     mode = history.mode
+
+    def ran(job: Job) -> None:
+        if job.error is not None:
+            raise job.error                  # the power went out during the job's work
+        if job.sync is not None and job.sync_error is None and mode == "interval":
+            # every id below what it captured is on disk now (background.py rule b)
+            history.synced_upto = max(history.synced_upto, job.sync.next_id - 1)
+            if after_sync is not None:
+                after_sync()
+
+    worker = SteppedWorker(ran)
     queue = history.queue = Queue.create(queue_dir_parent, "q", SETTINGS, mode)
     history.queue_created = True
     queue.create_channel(CHANNEL)
@@ -75,6 +120,11 @@ def run_workload(queue_dir_parent: Path, rng: random.Random, history: History,
     seq = 0
     for _ in range(STEPS):
         now += 0.01
+        if worker.queued and rng.random() < 0.3:
+            worker.step(worker.queued[0])          # the worker's fsync/checkpoint ends
+        if worker.ran_jobs and rng.random() < 0.3:
+            # the loop's next pass applies it (and submits what ticks coalesced meanwhile)
+            queue.resume_background(worker.ran_jobs.pop(0), worker)
         op = rng.random()
         if op < 0.45:
             count = rng.randint(1, 4)
@@ -115,11 +165,14 @@ def run_workload(queue_dir_parent: Path, rng: random.Random, history: History,
                 del tickets[ticket]
         elif op < 0.97:
             fsync_due = rng.random() < 0.5
-            queue.maintenance(now, int(now * 1000), fsync_due)
-            if fsync_due and mode == "interval":
-                history.synced_upto = max(history.acked, default=0)
-                if after_sync is not None:
-                    after_sync()
+            if rng.random() < 0.5:
+                queue.maintenance(now, int(now * 1000), fsync_due, worker)   # background
+            else:
+                queue.maintenance(now, int(now * 1000), fsync_due)
+                if fsync_due and mode == "interval":
+                    history.synced_upto = max(history.acked, default=0)
+                    if after_sync is not None:
+                        after_sync()
         else:
             history.purge_floor = queue._live_wal().next_id
             queue.purge()

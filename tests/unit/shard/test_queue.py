@@ -6,6 +6,7 @@ Recovery and crash behaviour are in test_queue_recovery.py and test_queue_crash.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,7 @@ from floki.config import ConfigError, QueueSettings
 from floki.errors import (ChannelNotFound, InvalidParameter, QueueAlreadyExists,
                           QueueNotFound)
 from floki.shard import files
-from floki.shard.queue import Queue, QueueLocked
+from floki.shard.queue import ID_BLOCK, Queue, QueueLocked
 
 T0_MS = 1_700_000_000_000          # a fixed wall-clock time for message timestamps
 
@@ -553,3 +554,35 @@ def test_get_skips_corrupt_records_one_by_one_and_is_never_stuck(tmp_path):
     rest = ids_of(q.get("c", 10_000, 0.0))
     assert rest == list(range(6, segs[-1].end_id))
     q.close()
+
+
+# --- ids of a new queue (rule 1: its create reserves the first block) ------------------------
+
+def test_a_new_queue_reserves_its_first_ids_at_create_so_the_first_push_writes_nothing(
+        tmp_path):
+    queue = new_queue(tmp_path, "interval")
+    queue.create_channel("c")
+    path = files.queue_file(queue.directory)
+    stored = json.loads(path.read_text())
+    assert stored["id_high_water"] == ID_BLOCK and stored["clean_next_id"] is None
+    before = os.stat(path)
+    assert queue.push([b"first"], T0_MS) == (1, 1)
+    after = os.stat(path)
+    assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
+    assert not files.tmp_path(path).exists()
+    queue.close()
+
+
+@pytest.mark.parametrize("stop", ["clean", "crash"])
+def test_ids_of_a_new_queue_after_a_restart(tmp_path, stop):
+    queue = new_queue(tmp_path, "interval")
+    if stop == "clean":
+        queue.close()                                # records the exact next id: 1
+    else:
+        queue._close_wal(sync=False)                 # kill -9: nothing more written
+        queue._unlock()
+    reopened = Queue.open(tmp_path, "q", QueueSettings(), "interval")
+    first, _ = reopened.push([b"m"], T0_MS)
+    # a crash may leave a gap (never a reuse): ids go on above the reserved block
+    assert first == (1 if stop == "clean" else ID_BLOCK + 1)
+    reopened.close()

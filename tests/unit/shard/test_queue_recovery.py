@@ -247,8 +247,11 @@ def test_one_garbled_channel_entry_only_rewinds_that_channel(tmp_path):
 def test_damaged_queue_file_falls_back_to_the_previous_generation(tmp_path, how):
     q = new_queue(tmp_path)
     q.set_setting("message_timeout", "77s")
-    q.create_channel("c")                    # another queue.json write: the previous one
-    q.push([b"a"], T0_MS)                    # is a good generation with the settings
+    q.create_channel("c")
+    # Another queue.json write, so the previous generation holds the settings and the channel
+    # (a new queue's first push writes none: its create reserved the first block of ids).
+    q.set_setting("max_in_flight", "123")
+    q.push([b"a"], T0_MS)
     crash(q)
     damage(tmp_path / "q" / "queue.json", how)
     q = reopen(tmp_path)
@@ -346,7 +349,8 @@ def test_ids_keep_growing_after_purge_crash_and_lost_queue_file(tmp_path):
     q.purge()
     crash(q)
     damage(tmp_path / "q" / "queue.json", "delete")
-    files.previous_path(tmp_path / "q" / "queue.json").unlink()
+    # (no previous generation: create wrote the only queue.json, reserving the first ids)
+    files.previous_path(tmp_path / "q" / "queue.json").unlink(missing_ok=True)
     q = reopen(tmp_path)
     assert q.push([b"b"], T0_MS)[0] >= 6               # the purge segment is named 6
     q.close()

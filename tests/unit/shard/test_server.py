@@ -59,10 +59,22 @@ class Rig:
 
     def timers(self, now: float, heartbeat: bool = True) -> None:
         """Runs the timers at `now`; the frontend's heartbeat was heard just then unless
-        `heartbeat` is False (a live frontend pings every 0.25 s)."""
+        `heartbeat` is False (a live frontend pings every 0.25 s). The background jobs they
+        start are waited for and applied, as the next pass would (settle_background)."""
         if heartbeat:
             self.server.peer_seen[IDENTITY] = now
         self.server._run_timers(now)
+        self.settle_background()
+
+    def settle_background(self) -> None:
+        """Waits until the background worker has nothing left and applies what it completed
+        (and what that resubmits), as the loop's next passes would."""
+        worker = self.server.background
+        while True:
+            assert worker.wait_idle(5.0), "background jobs still running after 5 s"
+            self.server._apply_background()
+            if worker.outstanding == 0:
+                return
 
     def call(self, *argv: bytes | str) -> tuple[bytes, bytes]:
         """One request in its own pass. Returns (status, payload) of its reply."""
@@ -127,6 +139,7 @@ def make_rig(tmp_path: Path):
     """Factory: make_rig(fsync="never", shard_count=1, index=0, queue=QueueSettings(), **config)."""
     contexts: list[zmq.Context] = []
     catalogs: list[Catalog] = []
+    servers: list[ShardServer] = []
     root_level = logging.getLogger().level     # every CONFIG SET server.* applies log_level
 
     def make(*, index: int = 0, shard_count: int = 1, fsync: str = "never",
@@ -148,6 +161,7 @@ def make_rig(tmp_path: Path):
         dealer.setsockopt(zmq.IDENTITY, IDENTITY)
         dealer.connect(endpoint)
         server = ShardServer(config, index, catalog, router)
+        servers.append(server)
         rig = Rig(server, catalog, dealer, data_dir)
         # A first PING through the sockets, so the ROUTER knows the DEALER's identity (and the
         # PING path runs over a real socket: recv by the server's own _take_batch).
@@ -159,6 +173,8 @@ def make_rig(tmp_path: Path):
         return rig
 
     yield make
+    for server in servers:
+        server.stop_background()
     for catalog in catalogs:
         catalog.close()
     for context in contexts:
@@ -477,9 +493,9 @@ def watch_syncs(rig: Rig, name: str, log: list) -> None:
     queue = rig.catalog.get(name)
     real_sync = queue.sync
 
-    def sync():
+    def sync(*args):
         log.append((name, rig.dealer.poll(0) != 0, queue.needs_sync))
-        real_sync()
+        real_sync(*args)
 
     queue.sync = sync
 

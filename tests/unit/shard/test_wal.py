@@ -8,6 +8,7 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import threading
 import time
 import tracemalloc
 from pathlib import Path
@@ -19,7 +20,7 @@ from floki.errors import DiskFull, StorageIOError
 from floki.shard import files, segment as segment_module
 from floki.shard.segment import (NO_RECORD, RECORD_HEADER_SIZE, SEGMENT_HEADER_SIZE,
                                  index_from_bytes)
-from floki.shard.wal import CorruptSegment, SegmentInfo, UnsupportedFormat, Wal
+from floki.shard.wal import CorruptSegment, SegmentInfo, UnsupportedFormat, Wal, WalHealth
 
 REPO = Path(__file__).resolve().parents[3]
 
@@ -684,4 +685,41 @@ def test_kill_9_loses_no_acknowledged_append(qdir):
         assert got.get(id_) == body_for(id_), id_
     assert wal.next_id >= expected_ids[-1] + 1
     assert wal.corrupt_records == 0
+    wal.close()
+
+
+# --- a background fsync (wal.py rule 9; background.py rules b, g) ---------------------------
+
+def test_a_pending_sync_works_on_a_dup_and_closes_it(tmp_path):
+    wal = Wal.open(tmp_path / "q", segment_size=1 << 20)
+    wal.append([b"a"], 1)
+    pending = wal.start_sync()
+    active_fd = wal._segments[-1].fd
+    assert pending.segment_fd != active_fd
+    assert os.fstat(pending.segment_fd).st_ino == os.fstat(active_fd).st_ino
+    with pytest.raises(ValueError):
+        wal.start_sync()                             # one at a time
+    with pytest.raises(RuntimeError):
+        wal.sync()                                   # nobody settles it: refused, not raced
+    thread = threading.Thread(target=pending.run)
+    thread.start()
+    thread.join(10.0)
+    with pytest.raises(OSError):
+        os.fstat(pending.segment_fd)                 # closed by run()
+    assert wal.finish_sync(pending, None) is None
+    assert wal.synced_next_id == 2 and not wal.needs_sync
+    assert wal.start_sync() is None                  # nothing left to sync
+    wal.close()
+
+
+def test_a_pending_sync_that_never_runs_releases_its_fd(tmp_path):
+    wal = Wal.open(tmp_path / "q", segment_size=1 << 20)
+    wal.append([b"a"], 1)
+    pending = wal.start_sync()
+    error = wal.finish_sync(pending, OSError(errno.EIO, "never ran"))
+    assert isinstance(error, StorageIOError) and wal.health is WalHealth.FAILED
+    with pytest.raises(OSError):
+        os.fstat(pending.segment_fd)
+    wal.sync()                                       # the probe
+    assert wal.health is WalHealth.OK
     wal.close()
