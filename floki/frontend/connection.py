@@ -257,6 +257,7 @@ class Connection(asyncio.Protocol):
                         break
         finally:
             self._in_batch = False
+        self._router.flush()
         self._flush()
 
     def eof_received(self) -> bool:

@@ -184,6 +184,13 @@ class Router:
             shard.flush_scheduled = True
             self._loop.call_soon(self._flush, shard)
 
+    def flush(self) -> None:
+        """Sends what is queued for every shard now (a connection calls it once it has run
+        every command of a read, instead of waiting for the scheduled flush)."""
+        for shard in self._shards:
+            if shard.outgoing:
+                self._flush(shard)
+
     def _flush(self, shard: _Shard) -> None:
         """Sends the shard's queued requests as one message (rule 7)."""
         shard.flush_scheduled = False

@@ -180,3 +180,15 @@ def test_rebalance_needs_a_config_and_data_dirs(capsys):
         main(["rebalance", "/tmp"])
     assert exit_.value.code == ExitCode.USAGE
     assert "-c/--config" in capsys.readouterr().err
+
+
+def test_shards_and_frontends_keep_freed_heap_on_glibc():
+    import platform
+    import subprocess
+    import sys
+    if platform.libc_ver()[0] != "glibc":
+        pytest.skip("mallopt is glibc's")
+    # In a child, so this test process keeps its allocator settings.
+    code = "from floki import cli; print(cli.keep_freed_heap())"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "True"
