@@ -501,7 +501,6 @@ def consume_latency(job: LatencyConsumeJob, shared: Shared, ready: Callable[[], 
     shared.go.wait()
     record_from_ns = shared.go_ns.value + job.warmup_ns
     gave_up_at: float | None = None
-    ack = b""           # the last get's ack, sent in one write with the next get (pipelined)
     while True:
         total = shared.produced_total.value
         if total >= 0 and delivered >= total:
@@ -510,8 +509,7 @@ def consume_latency(job: LatencyConsumeJob, shared: Shared, ready: Callable[[], 
             gave_up_at = gave_up_at or time.monotonic() + job.max_wait_s
             if time.monotonic() > gave_up_at:
                 break
-        conn.send(ack + get_cmd)
-        ack = b""
+        conn.send(get_cmd)
         # acks sent before this get are answered before it (replies keep request order)
         while acks_due:
             acked += conn.next_reply()
@@ -526,10 +524,8 @@ def consume_latency(job: LatencyConsumeJob, shared: Shared, ready: Callable[[], 
                 latencies.append((now - stamp) // 1000)
         delivered += len(deliveries)
         shared.counter.value = delivered
-        ack = dialect.ack_command(job.queue, job.channel, [d.token for d in deliveries])
+        conn.send(dialect.ack_command(job.queue, job.channel, [d.token for d in deliveries]))
         acks_due += 1
-    if ack:
-        conn.send(ack)
     while acks_due:
         acked += conn.next_reply()
         acks_due -= 1
