@@ -179,9 +179,9 @@ class ShardServer:
         sock = self.socket
         handle = self.handle_frames
         # Without group commit nothing waits for the end of the pass: the replies to each
-        # message leave as soon as it is executed, so the frontend works on them while this
-        # pass goes on (with "always", pushes are answered only after the pass's fsync).
-        stream_replies = self.config.fsync != "always"
+        # message, and the long polls its pushes woke, leave as soon as it is executed, so a
+        # pass that lasts while requests keep coming (up to MAX_PASS_S) delays nobody. With
+        # "always", pushes are answered and polls woken only after the pass's fsync.
         taken = 0
         while taken < MAX_BATCH:
             try:
@@ -195,7 +195,9 @@ class ShardServer:
                 frame = _recv_frame(sock, _NOBLOCK, False)
                 frames.append(frame.bytes)
             handle(frames)
-            if stream_replies:
+            if self.config.fsync != "always":
+                if self.appended:
+                    self._wake_appended()
                 self._flush_outbox()
             taken += len(frames) - 1
             if time.monotonic() > deadline:
@@ -267,6 +269,14 @@ class ShardServer:
         for name in appended:
             self._wake_queue(name, now)
         self._flush_outbox()
+
+    def _wake_appended(self) -> None:
+        """Answers the parked polls of the queues appended to since the last call (fsync
+        modes without group commit: what was written is readable at once)."""
+        appended, self.appended = self.appended, set()
+        now = time.monotonic()
+        for name in appended:
+            self._wake_queue(name, now)
 
     def _sync(self, queue) -> None:
         """queue.sync(), timed into the fsync histogram. Raises what queue.sync raises."""

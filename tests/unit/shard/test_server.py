@@ -878,3 +878,16 @@ def test_a_message_of_many_requests_is_answered_as_one_message_and_a_bad_frame_a
     assert wire.decode_replies(message) == [(201, wire.RESP, b":1\r\n"),
                                             (202, wire.RESP, b":1\r\n")]
     rig.assert_silent(0)
+
+
+def test_a_push_taken_mid_pass_answers_parked_polls_before_the_pass_ends(rig):
+    rig.resp("SET", "q", "c")
+    poll = rig.send("HMGET", "q", "c", "10", "5")
+    rig.finish()
+    rig.assert_silent(0)                               # parked: nothing to give
+    rig.dealer.send_multipart(wire.encode_request(900, wire.COMMAND, [b"RPUSH", b"q", b"m"]))
+    assert rig.server.socket.poll(REPLY_WAIT_MS)
+    assert rig.server._take_batch() == 1               # no _finish_pass: still mid pass
+    got = {rid: payload for rid, _, payload in rig.reply_list(2)}
+    assert got[900] == b":1\r\n"
+    assert parse(got[poll])[0][2] == b"m"
