@@ -51,6 +51,8 @@ log = logging.getLogger(__name__)
 MAX_BATCH = 4096            # requests taken from the socket per loop pass
 MAX_POLL_S = 0.1            # the loop wakes at least this often (signals, parked polls)
 MAX_PASS_S = 0.05           # work per pass before replies are sent (see _take_batch)
+STREAM_REPLY_BYTES = 64 * 1024  # replies held in a pass before they are sent (_take_batch)
+STREAM_REPLY_S = 0.002          # ... or time since the last send
 # Stale deadline entries (answered or cancelled polls) tolerated beyond twice the parked ones
 DEADLINE_SLACK = 64
 # What a failed Queue.sync raises: the OSError arrives wrapped as a client-visible error.
@@ -98,6 +100,8 @@ class ShardServer:
         self.limits = commands.Limits(config.max_message_size, config.max_get_count)
         # replies of this pass: frontend identity -> [header, payload, header, payload, ...]
         self.outbox: dict[bytes, list[bytes]] = {}
+        self.outbox_bytes = 0                 # payload bytes in it
+        self.flushed_s = time.monotonic()     # when it was last sent
         self.appended: set[str] = set()        # queues appended to in this pass
         # parked long polls: queue -> channel -> FIFO of waiters; plus lookup and deadlines
         self.parked: dict[str, dict[str, deque[Parked]]] = {}
@@ -178,10 +182,12 @@ class ShardServer:
         deadline = time.monotonic() + MAX_PASS_S
         sock = self.socket
         handle = self.handle_frames
-        # Without group commit nothing waits for the end of the pass: the replies to each
-        # message, and the long polls its pushes woke, leave as soon as it is executed, so a
-        # pass that lasts while requests keep coming (up to MAX_PASS_S) delays nobody. With
-        # "always", pushes are answered and polls woken only after the pass's fsync.
+        # Without group commit a pass need not hold its replies to the end: once they add up
+        # to STREAM_REPLY_BYTES, or STREAM_REPLY_S passed since the last send, they leave with
+        # the long polls the pass's pushes woke, so the frontend works on them while the pass
+        # goes on (W2's big get replies). Small replies stay together: every ZeroMQ message
+        # costs CPU on both sides (W3). With "always", pushes are answered and polls woken
+        # only after the pass's fsync.
         taken = 0
         while taken < MAX_BATCH:
             try:
@@ -195,7 +201,9 @@ class ShardServer:
                 frame = _recv_frame(sock, _NOBLOCK, False)
                 frames.append(frame.bytes)
             handle(frames)
-            if self.config.fsync != "always":
+            if (self.outbox_bytes >= STREAM_REPLY_BYTES
+                    or time.monotonic() - self.flushed_s >= STREAM_REPLY_S) \
+                    and self.config.fsync != "always":
                 if self.appended:
                     self._wake_appended()
                 self._flush_outbox()
@@ -250,6 +258,7 @@ class ShardServer:
         if outbox is None:
             outbox = self.outbox[identity] = []
         outbox += wire.encode_reply(request_id, status, payload)
+        self.outbox_bytes += len(payload)
 
     def _finish_pass(self) -> None:
         """Background completions, group commit, then replies, then wake long polls on queues
@@ -286,9 +295,11 @@ class ShardServer:
 
     def _flush_outbox(self) -> None:
         """Sends each frontend everything this pass answered it, as one message (wire.py)."""
+        self.flushed_s = time.monotonic()
         if not self.outbox:
             return
         outbox, self.outbox = self.outbox, {}
+        self.outbox_bytes = 0
         sock = self.socket
         for identity, frames in outbox.items():
             try:

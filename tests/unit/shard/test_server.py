@@ -27,6 +27,7 @@ from floki.routing import shard_for
 from floki.shard.catalog import Catalog
 from floki.shard.queue import Queue
 from floki.config import RUNTIME_KEYS
+from floki.shard import server as server_module
 from floki.shard.server import FsyncFailed, ShardServer
 
 IDENTITY = b"frontend-1"
@@ -452,7 +453,7 @@ def test_requests_taken_from_the_socket_are_answered_in_one_pass_in_order(rig):
     assert rig.server.socket.poll(REPLY_WAIT_MS)     # inproc: all 50 are in the pipe at once
     assert rig.server._take_batch() == 50
     rig.finish()
-    # fsync = "interval": each message's replies leave as soon as it is executed
+    # in one message or several (STREAM_REPLY_*), always in order
     order = [rid for rid, _, _ in rig.reply_list(50)]
     assert order == list(range(100, 150))
     assert rig.catalog.get("q").info(time.monotonic())["head"] == 51
@@ -880,7 +881,8 @@ def test_a_message_of_many_requests_is_answered_as_one_message_and_a_bad_frame_a
     rig.assert_silent(0)
 
 
-def test_a_push_taken_mid_pass_answers_parked_polls_before_the_pass_ends(rig):
+def test_a_push_taken_mid_pass_answers_parked_polls_when_replies_are_sent(rig, monkeypatch):
+    monkeypatch.setattr(server_module, "STREAM_REPLY_S", 0.0)    # send after every message
     rig.resp("SET", "q", "c")
     poll = rig.send("HMGET", "q", "c", "10", "5")
     rig.finish()
@@ -891,3 +893,34 @@ def test_a_push_taken_mid_pass_answers_parked_polls_before_the_pass_ends(rig):
     got = {rid: payload for rid, _, payload in rig.reply_list(2)}
     assert got[900] == b":1\r\n"
     assert parse(got[poll])[0][2] == b"m"
+
+
+def _send_pushes(rig, rids) -> None:
+    for rid in rids:
+        rig.dealer.send_multipart(wire.encode_request(rid, wire.COMMAND, [b"RPUSH", b"q", b"m"]))
+    assert rig.server.socket.poll(REPLY_WAIT_MS)
+
+
+def test_small_replies_of_a_short_pass_leave_as_one_message_at_its_end(rig, monkeypatch):
+    monkeypatch.setattr(server_module, "STREAM_REPLY_S", 60.0)
+    rig.resp("SET", "q", "c")
+    _send_pushes(rig, range(400, 420))
+    assert rig.server._take_batch() == 20
+    rig.assert_silent(0)                               # held: 20 small replies
+    rig.finish()
+    message = rig.dealer.recv_multipart()
+    assert [rid for rid, _, _ in wire.decode_replies(message)] == list(range(400, 420))
+    rig.assert_silent(0)
+
+
+def test_replies_leave_mid_pass_once_they_add_up_to_the_threshold(rig, monkeypatch):
+    monkeypatch.setattr(server_module, "STREAM_REPLY_S", 60.0)
+    monkeypatch.setattr(server_module, "STREAM_REPLY_BYTES", 8)    # two ":1\r\n" replies
+    rig.resp("SET", "q", "c")
+    _send_pushes(rig, range(500, 506))
+    assert rig.server._take_batch() == 6
+    # nothing left for the pass's end: every two replies went out as they added up
+    got = [wire.decode_replies(rig.dealer.recv_multipart()) for _ in range(3)]
+    assert [[rid for rid, _, _ in m] for m in got] == [[500, 501], [502, 503], [504, 505]]
+    rig.finish()
+    rig.assert_silent(0)
