@@ -156,6 +156,23 @@ def test_batches_are_encoded_once_and_cycled():
     assert got[0][1] == 100                              # one XADD reply per message
 
 
+def test_batches_are_encoded_before_the_first_one_is_taken():
+    # A producer builds its batches before the timed phase starts: encoding must not wait for
+    # the first next() (it did, and W5's 1,000 queues were encoded inside the timed window).
+    calls = []
+
+    class Counting(FlokiDialect):
+        def push_batch(self, queue, bodies):
+            calls.append(queue)
+            return super().push_batch(queue, bodies)
+
+    batches = loadgen._batches(Counting(), ["a", "b", "c"], 150, 10, 100)
+    assert sorted(set(calls)) == ["a", "b", "c"] and len(calls) > 3
+    encoded = len(calls)
+    assert len(list(batches)) == 6
+    assert len(calls) == encoded                 # iterating encodes nothing more
+
+
 def test_batch_variants_stay_within_the_memory_budget():
     queues = [f"q{i}" for i in range(1000)]
     batches = loadgen._batches(FlokiDialect(), queues, 200, 100, 100)
