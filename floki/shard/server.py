@@ -70,6 +70,10 @@ _send_frame = zmq.backend.Socket.send
 _recv_frame = zmq.backend.Socket.recv
 _MORE = int(zmq.SNDMORE | zmq.NOBLOCK)
 _NOBLOCK = int(zmq.NOBLOCK)
+# A reply frame this large is handed to ZeroMQ without a copy (pyzmq keeps the bytes alive
+# until ZeroMQ is done with them); below it the copy is cheaper than that bookkeeping.
+# W4 consume (10 x 64 KiB per get): 220-249 -> 269-286 MB/s.
+ZERO_COPY_BYTES = 64 * 1024
 
 
 class FsyncFailed(Exception):
@@ -306,8 +310,10 @@ class ShardServer:
                 _send_frame(sock, identity, _MORE)
                 last = len(frames) - 1
                 for i in range(last):
-                    _send_frame(sock, frames[i], _MORE)
-                _send_frame(sock, frames[last], _NOBLOCK)
+                    frame = frames[i]
+                    _send_frame(sock, frame, _MORE, len(frame) < ZERO_COPY_BYTES)
+                frame = frames[last]
+                _send_frame(sock, frame, _NOBLOCK, len(frame) < ZERO_COPY_BYTES)
             except zmq.Again:
                 # The frontend is gone or not reading; its requests will be failed there.
                 log.warning("reply dropped: frontend %r not reachable", identity)

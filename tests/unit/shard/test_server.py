@@ -924,3 +924,11 @@ def test_replies_leave_mid_pass_once_they_add_up_to_the_threshold(rig, monkeypat
     assert [[rid for rid, _, _ in m] for m in got] == [[500, 501], [502, 503], [504, 505]]
     rig.finish()
     rig.assert_silent(0)
+
+
+def test_a_large_reply_sent_without_a_copy_arrives_whole(rig):
+    body = bytes(range(256)) * (server_module.ZERO_COPY_BYTES // 256 + 1)   # above the line
+    rig.resp("SET", "q", "c")
+    assert rig.resp("RPUSH", "q", body) == b":1\r\n"
+    got = parse(rig.resp("HMGET", "q", "c", "1"))
+    assert got[0][2] == body
