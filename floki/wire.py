@@ -6,9 +6,10 @@ Owns: how requests and replies are framed between processes. Not pickle: shards 
 Batching: ZeroMQ's cost is per message, not per frame (each message wakes an I/O thread on
 both sides: ~100 us of CPU per round trip on a small VM, against ~25 us for a bare unix socket).
 So a ZeroMQ message carries MANY requests, one frame each: the frontend sends every request for
-a shard that one loop turn produced as one message, and the shard answers everything one pass
-produced for a frontend as one message of [header, payload] frame pairs. Each frame stands
-alone; a malformed one is dropped without its neighbours.
+a shard that one client read (or one loop turn) produced as one message, and the shard answers
+a frontend with messages of [header, payload] frame pairs: what a pass produced, sent at its
+end or once it adds up (ShardServer._take_batch). Each frame stands alone; a malformed one is
+dropped without its neighbours.
 
 Request  (frontend DEALER -> shard ROUTER): ONE frame
   header: request_id u64 big-endian, kind 1 byte

@@ -20,10 +20,11 @@ Rules:
   6. `cancel(id)` forgets a request and tells its shard (CANCEL), so a parked long poll of a
      client that went away does not take messages that nobody will receive.
   7. Requests are batched (wire.py): `send` and `cancel` queue the request's frame for its
-     shard, and one callback per shard, scheduled by the first of them, sends everything queued
-     as ONE ZeroMQ message at the next loop turn. Order per shard is kept (a CANCEL never
-     overtakes its request). A send that fails then marks the shard DOWN, which fails every
-     request queued or in flight for it (rule 2).
+     shard, and everything queued for a shard leaves as ONE ZeroMQ message, either when
+     `flush()` is called (a connection does once it ran every command of a read) or at the
+     latest at the next loop turn (a callback scheduled by the first frame queued). Order per
+     shard is kept (a CANCEL never overtakes its request). A send that fails then marks the
+     shard DOWN, which fails every request queued or in flight for it (rule 2).
 """
 from __future__ import annotations
 

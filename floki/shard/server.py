@@ -6,7 +6,9 @@ Rules:
   1. Single-threaded loop (the periodic disk work runs on one worker thread, rule 6). One
      pass: take every request waiting on the socket (up to a cap), execute them, then
      (fsync = "always") fsync each queue that was appended to ONCE, and only then send the
-     replies: pushes that arrive while one fsync runs share the next one.
+     replies: pushes that arrive while one fsync runs share the next one. Without group commit
+     a long pass also sends what it holds once that reaches STREAM_REPLY_BYTES or
+     STREAM_REPLY_S (see _take_batch).
   2. A reply is sent only after the work it reports is done (written to the OS; fsynced in
      "always" mode). If that fsync fails the shard exits without replying (the supervisor
      restarts it and recovery decides what is on disk): an unsynced push is never acknowledged.
@@ -209,7 +211,8 @@ class ShardServer:
                     or time.monotonic() - self.flushed_s >= STREAM_REPLY_S) \
                     and self.config.fsync != "always":
                 if self.appended:
-                    self._wake_appended()
+                    appended, self.appended = self.appended, set()
+                    self._wake_queues(appended)
                 self._flush_outbox()
             taken += len(frames) - 1
             if time.monotonic() > deadline:
@@ -278,17 +281,13 @@ class ShardServer:
                     except _SYNC_ERRORS as exc:
                         raise FsyncFailed(f"queue {name!r}: {exc}") from exc
         self._flush_outbox()
-        now = time.monotonic()
-        for name in appended:
-            self._wake_queue(name, now)
+        self._wake_queues(appended)
         self._flush_outbox()
 
-    def _wake_appended(self) -> None:
-        """Answers the parked polls of the queues appended to since the last call (fsync
-        modes without group commit: what was written is readable at once)."""
-        appended, self.appended = self.appended, set()
+    def _wake_queues(self, names) -> None:
+        """Answers the parked polls of queues `names` while messages are available to them."""
         now = time.monotonic()
-        for name in appended:
+        for name in names:
             self._wake_queue(name, now)
 
     def _sync(self, queue) -> None:
