@@ -5,7 +5,8 @@ Owns: turning a client's bytes into commands and their replies into bytes, in or
 Rules:
   1. Every command reserves a reply slot when it is read, so replies leave in request order even
      when pipelined commands are answered by different shards, out of order. The completed
-     slots at the head go out in one `transport.write` per batch.
+     slots at the head go out in one `transport.writelines` per batch (one writev with uvloop:
+     large replies arrive as views of ZeroMQ's buffers and are never joined).
   2. A command runs where it belongs: a request with a `queue` goes to the shard
      `routing.shard_for` picks, and the shard's RESP bytes are written as they came; INFO and
      CONFIG go to every shard and `fanout.merge` joins the answers; PING, HELLO, CLIENT ... are
@@ -133,7 +134,7 @@ class _Slot:
 
     def __init__(self, conn: Connection):
         self.conn = conn
-        self.reply: bytes | None = None     # None until answered
+        self.reply: bytes | memoryview | None = None     # None until answered
         self.close = False                  # close the connection once this reply is written
         self.request_id = 0                 # the shard request answering it (0: none)
         self.fanout: _FanOut | None = None
@@ -399,7 +400,7 @@ class Connection(asyncio.Protocol):
                 if slot.close:
                     close = True
                     break
-            transport.write(out[0] if len(out) == 1 else b"".join(out))
+            transport.writelines(out)
             if close:
                 self._close(transport)
                 return

@@ -56,6 +56,7 @@ _send_frame = zmq.backend.Socket.send
 _recv_frame = zmq.backend.Socket.recv
 _MORE = int(zmq.SNDMORE | zmq.NOBLOCK)
 _NOBLOCK = int(zmq.NOBLOCK)
+_ZERO_COPY_BYTES = wire.ZERO_COPY_BYTES
 
 
 def _send_message(sock: zmq.Socket, frames: list[bytes]) -> None:
@@ -71,7 +72,7 @@ def _recv_message(sock: zmq.Socket) -> list[bytes]:
     frames = [frame.bytes]
     while frame.more:
         frame = _recv_frame(sock, _NOBLOCK, False)
-        frames.append(frame.bytes)
+        frames.append(frame.buffer if len(frame) >= 65536 else frame.bytes)
     return frames
 
 

@@ -72,10 +72,9 @@ _send_frame = zmq.backend.Socket.send
 _recv_frame = zmq.backend.Socket.recv
 _MORE = int(zmq.SNDMORE | zmq.NOBLOCK)
 _NOBLOCK = int(zmq.NOBLOCK)
-# A reply frame this large is handed to ZeroMQ without a copy (pyzmq keeps the bytes alive
-# until ZeroMQ is done with them); below it the copy is cheaper than that bookkeeping.
-# W4 consume (10 x 64 KiB per get): 220-249 -> 269-286 MB/s.
-ZERO_COPY_BYTES = 64 * 1024
+# Reply frames this large go to ZeroMQ without a copy (pyzmq keeps the bytes alive until
+# ZeroMQ is done with them): wire.py, "Zero copy".
+ZERO_COPY_BYTES = wire.ZERO_COPY_BYTES
 
 
 class FsyncFailed(Exception):

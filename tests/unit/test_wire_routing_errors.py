@@ -9,6 +9,19 @@ def test_request_round_trip_keeps_binary_args():
     assert wire.decode_request(frames) == (2**64 - 1, wire.COMMAND, [b"RPUSH", b"q", b"\x00\r\n\xff"])
 
 
+def test_only_resp_payloads_may_stay_views():
+    # The frontend keeps large frames as views of ZeroMQ's buffers (wire.py "Zero copy"); a
+    # RESP payload goes to the client as is, any other is read as bytes (json.loads needs them).
+    big = memoryview(b"x" * wire.ZERO_COPY_BYTES)
+    header = wire.encode_reply(3, wire.RESP, b"")[0]
+    _, _, payload = wire.decode_reply([header, big])
+    assert payload is big
+    for status in (wire.JSON, wire.PONG):
+        header = wire.encode_reply(3, status, b"")[0]
+        _, _, payload = wire.decode_reply([header, memoryview(b'{"a": 1}')])
+        assert type(payload) is bytes and payload == b'{"a": 1}'
+
+
 def test_reply_round_trip():
     frames = wire.encode_reply(7, wire.JSON, b"{}")
     assert wire.decode_reply(frames) == (7, wire.JSON, b"{}")

@@ -35,6 +35,11 @@ class MockTransport:
         assert not self.closed, "write after close"
         self.writes.append(data)
 
+    def writelines(self, chunks) -> None:
+        # One call is one write to the socket (uvloop: one writev).
+        assert not self.closed, "write after close"
+        self.writes.append(b"".join(chunks))
+
     def close(self) -> None:
         self.closed = True
 

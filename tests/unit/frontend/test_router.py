@@ -286,3 +286,22 @@ def test_replies_sent_as_one_message_reach_each_callback(ipc_dir):
         router.close()
         shard.close()
     run_async(main())
+
+
+def test_large_replies_arrive_uncopied_and_small_ones_as_bytes(ipc_dir):
+    async def main():
+        router, (shard,) = await started(ipc_dir)
+        replies = Replies()
+        big = b"*1\r\n$%d\r\n%s\r\n" % (wire.ZERO_COPY_BYTES, b"b" * wire.ZERO_COPY_BYTES)
+        ids = [router.send(0, [b"HMGET", b"q", b"c"], replies.callback(i)) for i in range(2)]
+        await shard.wait_commands(2)
+        shard.reply(ids[0], wire.RESP, big)
+        shard.reply(ids[1], wire.RESP, b"*0\r\n")
+        await wait_for(lambda: len(replies.got) == 2)
+        status, payload = replies.got[0]
+        assert status == wire.RESP and isinstance(payload, memoryview) and payload == big
+        assert replies.got[1] == (wire.RESP, b"*0\r\n")
+        assert type(replies.got[1][1]) is bytes
+        router.close()
+        shard.close()
+    run_async(main())
