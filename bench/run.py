@@ -10,6 +10,11 @@ Rules:
      Exit code: 0 when every workload ran and every delivery check held (speed never decides:
      `--quick` is a smoke run CI may execute), 1 otherwise, 130 on interruption.
   3. Temp dirs are removed after each workload (`--keep` keeps them for a post-mortem).
+  4. `--repeat N` (default 3; 1 with --quick) runs each workload N times per server, the
+     servers taking turns (Floki, Redis, Floki, ...) so that drift on the machine hits both; the
+     table shows the median of each figure (stats.py rule 4) and the JSON keeps every run.
+     The footprint workload runs once: each run stores 1 GiB per server (minutes), and its
+     figures do not swing like the throughput ones do.
 """
 from __future__ import annotations
 
@@ -33,6 +38,7 @@ from bench.workloads import DURABLE_WORKLOADS, WORKLOADS, Context, Sizes, _no_ph
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 CHECK_KEYS = ("exactly_once", "all_delivered")   # a False here is a failed run
+SINGLE_RUN_WORKLOADS = frozenset({"footprint"})  # rule 4
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,6 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"workloads to run (default all): {','.join(WORKLOADS)}")
     parser.add_argument("--servers", default=",".join(SERVER_KINDS), metavar="S,...",
                         help="floki,redis (default both)")
+    parser.add_argument("--repeat", type=int, default=None, metavar="N",
+                        help="runs of each workload per server, median reported "
+                             "(default 3, quick 1; footprint always runs once)")
     parser.add_argument("--shards", type=int, default=0,
                         help="Floki shard processes (default 0: one per CPU)")
     parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR,
@@ -109,6 +118,9 @@ def main(argv: list[str] | None = None) -> int:
     sizes = (Sizes.quick() if args.quick else Sizes()).with_overrides(vars(args))
     names = _split(args.only, WORKLOADS, "workload")
     kinds = _split(args.servers, SERVER_KINDS, "server")
+    repeat = args.repeat if args.repeat is not None else (1 if args.quick else 3)
+    if repeat < 1:
+        raise SystemExit("--repeat must be at least 1")
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, _raise_interrupt)
 
@@ -129,28 +141,38 @@ def main(argv: list[str] | None = None) -> int:
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
                     "platform": platform.platform(),
                     "loadavg_at_start": list(os.getloadavg())},
-        "sizes": asdict(sizes), "shards": args.shards or os.cpu_count(),
-        "results": {}, "errors": {},
+        "sizes": asdict(sizes), "shards": args.shards or os.cpu_count(), "repeat": repeat,
+        "results": {}, "runs": {}, "errors": {},
     }
     if "redis" in kinds:
         document["machine"]["redis"] = redis_version(ensure_redis_server())
     results: dict[str, dict[str, Any]] = document["results"]
+    runs: dict[str, dict[str, list[dict[str, Any]]]] = document["runs"]
     errors: dict[str, dict[str, str]] = document["errors"]
     interrupted = False
     t0 = time.monotonic()
     try:
         for name in names:
-            for kind in kinds:
-                print(f"{name} on {kind}", file=sys.stderr, flush=True)
-                try:
-                    results.setdefault(name, {})[kind] = run_one(name, kind, ctx, args)
-                except Exception as exc:   # noqa: BLE001 - reported; the other runs go on
-                    traceback.print_exc()
-                    errors.setdefault(name, {})[kind] = f"{type(exc).__name__}: {exc}"
+            times = 1 if name in SINGLE_RUN_WORKLOADS else repeat
+            for turn in range(times):
+                for kind in kinds:             # servers take turns (rule 4)
+                    print(f"{name} on {kind}" + (f" ({turn + 1} of {times})" if times > 1
+                                                 else ""), file=sys.stderr, flush=True)
+                    try:
+                        run = run_one(name, kind, ctx, args)
+                    except Exception as exc:   # noqa: BLE001 - reported; the other runs go on
+                        traceback.print_exc()
+                        errors.setdefault(name, {})[kind] = f"{type(exc).__name__}: {exc}"
+                        continue
+                    runs.setdefault(name, {}).setdefault(kind, []).append(run)
     except KeyboardInterrupt:
         interrupted = True
         print("\ninterrupted: every server was stopped; partial results follow",
               file=sys.stderr)
+    for name, by_kind in runs.items():
+        for kind, done in by_kind.items():
+            if kind not in errors.get(name, {}):     # a failed run spoils its workload
+                results.setdefault(name, {})[kind] = stats.median_of_runs(done)
     document["seconds"] = round(time.monotonic() - t0, 1)
     document["interrupted"] = interrupted
 
@@ -179,6 +201,9 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print("ratio = Floki / Redis Streams; Redis: appendonly yes, appendfsync everysec "
           "(always for the fsync-always row); Floki: fsync interval (always for that row)")
+    if repeat > 1:
+        print(f"each figure: the median of {repeat} runs per server, servers taking turns "
+              f"(a latency max: the largest of them; footprint: one run)")
     print()
     print("Targets:")
     print("\n".join(report.target_lines(targets)))

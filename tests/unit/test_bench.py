@@ -3,6 +3,7 @@ pipelined connection, the percentile/ratio/target math and the table. No broker 
 `make bench ARGS=--quick` is the end-to-end check."""
 from __future__ import annotations
 
+import json
 import socket
 import sys
 import threading
@@ -354,3 +355,37 @@ def test_profile_summary_counts_own_and_total_time_per_function():
     own, total = text.split("total time")
     assert "60.0%  push (b.py)" in own and "20.0%  loop (a.py)" in own
     assert "100.0%  main (a.py)" in total
+
+
+def test_median_of_runs_takes_medians_the_worst_max_and_every_check():
+    runs = [{"msgs_per_s": 300.0, "max_ms": 9.0, "exactly_once": True, "phases": {"a": 1}},
+            {"msgs_per_s": 100.0, "max_ms": 60.0, "exactly_once": True, "phases": {"a": 2}},
+            {"msgs_per_s": 200.0, "max_ms": 5.0, "exactly_once": False, "phases": {"a": 3}}]
+    merged = stats.median_of_runs(runs)
+    assert merged == {"msgs_per_s": 200.0, "max_ms": 60.0, "exactly_once": False,
+                      "phases": {"a": 1}}
+    assert stats.median_of_runs(runs[:2])["msgs_per_s"] == 200.0
+    assert stats.median_of_runs(runs[:1]) == runs[0]
+    with pytest.raises(ValueError):
+        stats.median_of_runs([])
+
+
+def test_repeat_runs_take_turns_and_the_table_shows_medians(tmp_path, monkeypatch):
+    from bench import run as bench_run
+    order, figures = [], {"floki": iter([10.0, 30.0, 20.0]), "redis": iter([5.0, 5.0, 50.0])}
+
+    def fake_run_one(name, kind, ctx, args):
+        order.append((name, kind))
+        return {"msgs_per_s": next(figures[kind]), "mb_per_s": 1.0}
+    monkeypatch.setattr(bench_run, "run_one", fake_run_one)
+    monkeypatch.setattr(bench_run, "redis_version", lambda path: "7.0")
+    monkeypatch.setattr(bench_run, "ensure_redis_server", lambda: "redis-server")
+    code = bench_run.main(["--only", "w1_produce", "--repeat", "3", "--no-chart",
+                           "--no-progress", "--results-dir", str(tmp_path)])
+    assert code == 0
+    assert order == [("w1_produce", "floki"), ("w1_produce", "redis")] * 3
+    document = json.loads(next(tmp_path.glob("*.json")).read_text())
+    assert document["results"]["w1_produce"]["floki"]["msgs_per_s"] == 20.0
+    assert document["results"]["w1_produce"]["redis"]["msgs_per_s"] == 5.0
+    assert len(document["runs"]["w1_produce"]["floki"]) == 3
+    assert document["rows"][0]["ratio"] == 4.0
