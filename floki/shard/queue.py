@@ -50,7 +50,7 @@ from floki.errors import (ChannelNotFound, FlokiError, InvalidParameter, QueueAl
                           QueueNotFound)
 from floki.names import validate_name
 from floki.shard import checkpoint, files, locks
-from floki.shard.background import BackgroundWorker, Job, WorkerStopped
+from floki.shard.background import BackgroundWorker, Job, WorkerStopped, release_to
 from floki.shard.channel import Channel
 from floki.shard.checkpoint import CheckpointCorrupt
 from floki.shard.segment import MAX_SEGMENT_BYTES, RECORD_HEADER_SIZE, SEGMENT_HEADER_SIZE
@@ -574,7 +574,7 @@ class Queue:
         Raises DiskFull / StorageIOError: of retention, and without a worker of the fsync or
         the checkpoint (with a worker their failures are handled when the job is applied).
         """
-        self._apply_retention(now_ms)
+        self._apply_retention(now_ms, release_to(worker))
         self._want_checkpoint = True
         if fsync_due and self.fsync == "interval":
             self._want_sync = True
@@ -684,8 +684,9 @@ class Queue:
         if job is not None:
             job.apply()
 
-    def _apply_retention(self, now_ms: int) -> None:
-        """Removes whole segments from the oldest, stopping at the first one kept (rule 4)."""
+    def _apply_retention(self, now_ms: int, release=None) -> None:
+        """Removes whole segments from the oldest, stopping at the first one kept (rule 4);
+        their fds are closed by `release` when given (background.release_to)."""
         wal = self._live_wal()
         s = self.settings
         hard_period_ms = s.hard_retention_period * 1000
@@ -706,7 +707,7 @@ class Queue:
                                    or (s.retention_size and total_bytes <= s.retention_size))
                 if not consumed or keep_for_replay:
                     break
-            wal.remove_oldest_segment()
+            wal.remove_oldest_segment(release)
             removed.append(segment)
             log.info("queue %r: %s retention removed ids %d..%d", self.name,
                      "hard" if hard else "soft", segment.first_id, segment.end_id - 1)

@@ -36,6 +36,7 @@ import struct
 import sys
 from array import array
 from pathlib import Path
+from typing import Callable
 
 import crc32c
 
@@ -997,11 +998,20 @@ class Segment:
         self._index_fd = None
         self.fd = -1
 
-    def unlink(self) -> None:
-        """Closes and deletes the segment, then its index. Raises OSError if the segment file
-        cannot be removed (nothing changed then); a leftover .idx is removed at the next open."""
+    def unlink(self, release: Callable[[list[int]], None] | None = None) -> None:
+        """Deletes the segment, then its index, and closes their fds: here, or by handing them
+        to `release`, which then owns them (the last close of a removed file frees its page
+        cache: ~45 ms for 64 MiB, which the loop hands to the background worker). Raises
+        OSError if the segment file cannot be removed (nothing changed then); a leftover .idx
+        is removed at the next open."""
         fileio.unlink(self.path)
-        self.close()
+        if release is None:
+            self.close()
+        else:
+            fds = [fd for fd in (self._index_fd, self.fd) if fd is not None and fd >= 0]
+            self._index_fd = None
+            self.fd = -1
+            release(fds)
         try:
             fileio.unlink(self.index_path)
         except FileNotFoundError:

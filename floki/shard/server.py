@@ -165,6 +165,9 @@ class ShardServer:
     def _complete_job(self, job, worker: BackgroundWorker | None) -> None:
         if job.fsync_seconds is not None:
             self.fsync_seconds.observe(job.fsync_seconds)
+        if job.owner is None:                 # CloseFiles (background.py): no queue to resume
+            job.apply()
+            return
         try:
             job.owner.resume_background(job, worker)
         except Exception:

@@ -534,8 +534,10 @@ class Wal:
 
     # --- retention and purge ----------------------------------------------------------------
 
-    def remove_oldest_segment(self) -> SegmentInfo:
-        """Deletes the oldest segment (its .seg, then its .idx) and fsyncs the directory.
+    def remove_oldest_segment(self, release: Callable[[list[int]], None] | None = None
+                              ) -> SegmentInfo:
+        """Deletes the oldest segment (its .seg, then its .idx) and fsyncs the directory. Its
+        fds are closed here, or handed to `release` (Segment.unlink).
 
         Returns what was removed. Raises ValueError if only the active segment is left,
         StorageIOError / DiskFull if it cannot be removed.
@@ -547,7 +549,7 @@ class Wal:
         info = self.segments()[0]
         segment = self._segments[0]
         try:
-            segment.unlink()
+            segment.unlink(release)
         except OSError as exc:
             raise files.storage_error(exc, "remove segment") from exc
         del self._segments[0]
