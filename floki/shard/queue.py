@@ -580,6 +580,11 @@ class Queue:
             self._want_sync = True
         self._start_periodic(worker)
 
+    @property
+    def unsynced_bytes(self) -> int:
+        """Bytes written to the active segment that no completed fsync covers yet."""
+        return self._live_wal().unsynced_bytes
+
     def interval_sync(self, worker: BackgroundWorker | None = None) -> None:
         """The fsync timer's tick ("interval" mode): what maintenance() does with fsync_due,
         without retention and without a checkpoint unless the durable position lags (rule 7).

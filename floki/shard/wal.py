@@ -254,6 +254,15 @@ class Wal:
         return (self.synced_next_id < self.next_id or self._dir_dirty
                 or self.health is WalHealth.FAILED)
 
+    @property
+    def unsynced_bytes(self) -> int:
+        """Bytes of the active segment no completed fsync has covered yet."""
+        active = self._segments[-1]
+        durable = self.durable
+        if durable is not None and durable.segment == active.first_id:
+            return active.size_bytes - durable.offset
+        return active.size_bytes - SEGMENT_HEADER_SIZE
+
     def segments(self) -> list[SegmentInfo]:
         """Returns every segment, oldest first."""
         last = len(self._segments) - 1

@@ -550,3 +550,30 @@ def test_the_shard_applies_a_close_files_job_that_belongs_to_no_queue(make_rig, 
         os.fstat(fd)
     rig.resp("SET", "q", "c")                        # and the shard goes on
     assert rig.resp("RPUSH", "q", "m") == b":1\r\n"
+
+
+# --- fsync ahead (server.py rule 6) -------------------------------------------------------------
+
+def test_a_push_that_leaves_enough_unfsynced_starts_the_background_fsync(make_rig, monkeypatch):
+    from floki.shard import server as server_module
+    monkeypatch.setattr(server_module, "SYNC_AHEAD_BYTES", 64 * 1024)
+    rig = make_rig(fsync="interval", fsync_interval=3600)   # the timer never fires here
+    rig.resp("SET", "q", "c")
+    wal = rig.catalog.get("q")._live_wal()
+    rig.resp("RPUSH", "q", b"s" * 1000)                 # below the mark: nothing starts
+    assert rig.server.background.outstanding == 0 and wal.synced_next_id == 1
+    rig.resp("RPUSH", "q", *[b"b" * 40_000] * 2)         # 80 KB unfsynced: ahead it goes
+    assert rig.server.background.wait_idle(WAIT_S)
+    rig.server._apply_background()
+    assert wal.synced_next_id == 4 and wal.unsynced_bytes == 0
+    assert rig.catalog.get("q").unsynced_bytes == 0
+
+
+def test_fsync_ahead_is_only_for_interval_mode(make_rig, monkeypatch):
+    from floki.shard import server as server_module
+    monkeypatch.setattr(server_module, "SYNC_AHEAD_BYTES", 1)
+    rig = make_rig(fsync="never")
+    rig.resp("SET", "q", "c")
+    rig.resp("RPUSH", "q", b"b" * 10_000)
+    assert rig.server.background.outstanding == 0
+    assert rig.catalog.get("q")._live_wal().synced_next_id == 1
