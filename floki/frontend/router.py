@@ -66,13 +66,15 @@ def _send_message(sock: zmq.Socket, frames: list[bytes]) -> None:
     _send_frame(sock, frames[-1], _NOBLOCK)
 
 
-def _recv_message(sock: zmq.Socket) -> list[bytes]:
-    """Returns the next multipart message. Raises zmq.ZMQError (EAGAIN: none waiting)."""
+def _recv_message(sock: zmq.Socket) -> list[bytes | memoryview]:
+    """Returns the next multipart message; frames of wire.ZERO_COPY_BYTES and more as views of
+    ZeroMQ's buffers, not copies (wire.py "Zero copy"). Raises zmq.ZMQError (EAGAIN: none
+    waiting)."""
     frame = _recv_frame(sock, _NOBLOCK, False)      # a zmq.Frame: `.more` costs no getsockopt
     frames = [frame.bytes]
     while frame.more:
         frame = _recv_frame(sock, _NOBLOCK, False)
-        frames.append(frame.buffer if len(frame) >= 65536 else frame.bytes)
+        frames.append(frame.bytes if len(frame) < _ZERO_COPY_BYTES else frame.buffer)
     return frames
 
 
