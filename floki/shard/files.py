@@ -221,6 +221,19 @@ def fsync_directory(directory: Path) -> None:
         fileio.close(fd)
 
 
+def fsync_file_if_present(path: Path) -> None:
+    """fsyncs the file at `path` through a read-only fd of its own; nothing if it is gone (an
+    index removed behind our back is rebuilt at the next open). Raises OSError."""
+    try:
+        fd = fileio.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return
+    try:
+        fileio.fsync(fd)
+    finally:
+        fileio.close(fd)
+
+
 def storage_error(exc: OSError, action: str) -> FlokiError:
     """Returns the client-visible error for an OSError raised while `action` (e.g. "append").
 

@@ -782,15 +782,7 @@ class Segment:
         if force and self._index_deferred:
             # Unchanged since open, but after kill -9 maybe only in the page cache: fsync it
             # without keeping a descriptor an idle queue would not use.
-            try:
-                fd = fileio.open(self.index_path, os.O_RDONLY | os.O_CLOEXEC)
-            except FileNotFoundError:
-                fd = None          # removed behind our back: rebuilt at the next open
-            if fd is not None:
-                try:
-                    fileio.fsync(fd)
-                finally:
-                    fileio.close(fd)
+            files.fsync_file_if_present(self.index_path)
         if self._index_stale and self._index_fd is not None:
             fileio.ftruncate(self._index_fd, 0)
             write_all(self._index_fd, index_to_bytes(self.offsets))
@@ -989,14 +981,18 @@ class Segment:
 
     def close(self) -> None:
         """Closes the fds (no fsync; call sync() first when it matters)."""
-        for fd in (self._index_fd, self.fd):
-            if fd is not None and fd >= 0:
-                try:
-                    fileio.close(fd)
-                except OSError:
-                    pass
+        for fd in self._detach_fds():
+            try:
+                fileio.close(fd)
+            except OSError:
+                pass
+
+    def _detach_fds(self) -> list[int]:
+        """Returns the open fds (index, segment) and forgets them: the segment is closed."""
+        fds = [fd for fd in (self._index_fd, self.fd) if fd is not None and fd >= 0]
         self._index_fd = None
         self.fd = -1
+        return fds
 
     def unlink(self, release: Callable[[list[int]], None] | None = None) -> None:
         """Deletes the segment, then its index, and closes their fds: here, or by handing them
@@ -1008,10 +1004,7 @@ class Segment:
         if release is None:
             self.close()
         else:
-            fds = [fd for fd in (self._index_fd, self.fd) if fd is not None and fd >= 0]
-            self._index_fd = None
-            self.fd = -1
-            release(fds)
+            release(self._detach_fds())
         try:
             fileio.unlink(self.index_path)
         except FileNotFoundError:

@@ -111,15 +111,7 @@ class PendingSync:
         started = time.perf_counter()
         try:
             fileio.fsync(self.segment_fd)
-            try:
-                index_fd = fileio.open(self.index_path, os.O_RDONLY | os.O_CLOEXEC)
-            except FileNotFoundError:
-                index_fd = None       # removed behind our back: a hint, rebuilt at the next open
-            if index_fd is not None:
-                try:
-                    fileio.fsync(index_fd)
-                finally:
-                    fileio.close(index_fd)
+            files.fsync_file_if_present(self.index_path)
             if self.sync_directory:
                 files.fsync_directory(self.directory)
         finally:
