@@ -72,10 +72,17 @@ def encode_request(request_id: int, kind: bytes, args: list[bytes] | tuple = ())
 
 
 def decode_request(frames: list[bytes]) -> tuple[int, bytes, list[bytes]]:
-    """Returns (request_id, kind, args). Raises WireError."""
-    if len(frames) != 1 or len(frames[0]) < _HEADER.size:
+    """Returns (request_id, kind, args) of a request's frames (one). Raises WireError."""
+    if len(frames) != 1:
         raise WireError("malformed request")
-    frame = frames[0]
+    return decode_request_frame(frames[0])
+
+
+def decode_request_frame(frame: bytes) -> tuple[int, bytes, list[bytes]]:
+    """Returns (request_id, kind, args) of one request frame, as a shard takes them from a
+    batched message (module doc: "Batching"). Raises WireError."""
+    if len(frame) < _HEADER.size:
+        raise WireError("malformed request")
     request_id, kind = _HEADER.unpack_from(frame)
     if kind not in _REQUEST_KINDS:
         raise WireError("unknown request kind")

@@ -235,10 +235,10 @@ class ShardServer:
         if len(frames) < 2:
             log.warning("dropped a malformed wire message: no request")
             return
-        decode = wire.decode_request
+        decode = wire.decode_request_frame
         for i in range(1, len(frames)):
             try:
-                request_id, kind, args = decode(frames[i:i + 1])
+                request_id, kind, args = decode(frames[i])
             except wire.WireError as exc:
                 log.warning("dropped a malformed wire message: %s", exc)
                 continue

@@ -48,7 +48,7 @@ class FakeShard:
             await asyncio.sleep(0.002)
 
     def _handle(self, identity: bytes, frame: bytes) -> None:
-        request_id, kind, args = wire.decode_request([frame])
+        request_id, kind, args = wire.decode_request_frame(frame)
         if kind == wire.PING:
             self.pings += 1
             if self.answer_pings:

@@ -229,7 +229,7 @@ class StatsShard(FakeShard):
             while self.socket.poll(0):
                 identity, *frames = self.socket.recv_multipart()
                 for frame in frames:                 # wire.py: one frame per request
-                    request_id, kind, args = wire.decode_request([frame])
+                    request_id, kind, args = wire.decode_request_frame(frame)
                     self.kinds.append(kind)
                     if kind == wire.PING:
                         self.send(identity, request_id, wire.PONG, b'{"index":0}')
