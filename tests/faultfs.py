@@ -46,7 +46,8 @@ from floki.shard import fileio
 SECTOR_BYTES = 512
 DIR = "<dir>"          # a directory entry that is a directory (followed by path)
 # Calls that change what is on disk: the points where crash_at may cut the power.
-MUTATING = frozenset({"write", "writev", "fsync", "ftruncate", "replace", "unlink", "create"})
+MUTATING = frozenset({"write", "writev", "fsync", "ftruncate", "replace", "link", "unlink",
+                      "create"})
 WRITES = frozenset({"write", "writev"})      # _enter hands their rule back (partial_bytes)
 
 
@@ -262,6 +263,15 @@ class FaultyFileIO:
             os.replace(src, dst)
             for directory in {os.path.dirname(src), os.path.dirname(dst)}:
                 self._note_names(directory)
+
+    def link(self, src, dst, *, src_dir_fd=None, dst_dir_fd=None, follow_symlinks=True):
+        # A second name for the same inode, so the same file object (rule 2 follows files by
+        # inode): only the directory that gained the name changes.
+        src, dst = os.path.abspath(src), os.path.abspath(dst)
+        with self._lock:
+            self._enter("link", dst)
+            os.link(src, dst)
+            self._note_names(os.path.dirname(dst))
 
     def unlink(self, path, *, dir_fd=None):
         path = os.path.abspath(path)

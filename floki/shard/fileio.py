@@ -1,7 +1,8 @@
 """fileio: the one doorway through which the storage engine touches files.
 
 Owns: the file operations segment.py, wal.py, checkpoint.py and files.py use to change or read
-their files (open, close, write, writev, pread, fsync, ftruncate, fstat, replace, unlink), and
+their files (open, close, write, writev, pread, fsync, ftruncate, fstat, replace, link,
+unlink), and
 the hook that lets a test put a fault-injecting layer in front of them (tests/faultfs.py:
 failing writes/fsyncs with ENOSPC or EIO, simulating power loss).
 Rules:
@@ -23,7 +24,7 @@ from typing import Iterator
 
 # The operations a layer must provide, with os's signatures (rule 2 swaps exactly these).
 OPERATIONS = ("open", "close", "write", "writev", "pread", "fsync", "ftruncate", "fstat",
-              "replace", "unlink")
+              "replace", "link", "unlink")
 
 # Rule 1: in production these names are bound to the os functions themselves.
 open = os.open              # noqa: A001 - deliberately the os name, see rule 1
@@ -35,6 +36,7 @@ fsync = os.fsync
 ftruncate = os.ftruncate
 fstat = os.fstat
 replace = os.replace
+link = os.link
 unlink = os.unlink
 
 _installed: object | None = None          # None: the real os functions

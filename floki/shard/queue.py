@@ -49,7 +49,7 @@ from floki.config import ConfigError, QueueSettings
 from floki.errors import (ChannelNotFound, FlokiError, InvalidParameter, QueueAlreadyExists,
                           QueueNotFound)
 from floki.names import validate_name
-from floki.shard import checkpoint, files, locks
+from floki.shard import checkpoint, fileio, files, locks
 from floki.shard.background import BackgroundWorker, Job, WorkerStopped, release_to
 from floki.shard.channel import Channel
 from floki.shard.checkpoint import CheckpointCorrupt
@@ -929,28 +929,29 @@ class _PeriodicJob(Job):
 
 def _replace_file(path: Path, data: dict, keep_previous: bool, queue_name: str) -> None:
     """Replaces a checkpoint file; with `keep_previous` (the current file is known good) it is
-    first kept as .prev. Touches only these files, so the background worker may run it.
+    first kept as .prev. Touches only these files, and only through fileio, so the
+    background worker may run it (background.py rule f).
     Raises DiskFull / StorageIOError, TypeError / ValueError (data not JSON)."""
     if keep_previous:
         previous = files.previous_path(path)
         link_tmp = files.tmp_path(previous)
         try:
             try:
-                os.unlink(link_tmp)
+                fileio.unlink(link_tmp)
             except FileNotFoundError:
                 pass
             # A hard link keeps the current file in place until the new one replaces it,
             # so there is no moment without a primary; write_atomic's directory fsync
             # makes this rename durable too.
-            os.link(path, link_tmp)
-            os.replace(link_tmp, previous)
+            fileio.link(path, link_tmp)
+            fileio.replace(link_tmp, previous)
         except OSError as exc:
             log.warning("queue %r: cannot keep %s (%s); writing without a backup",
                         queue_name, previous.name, exc)
             # An older generation must never pass for the one just before the new file
             # (rule 1 bounds how far the primary is ahead of its .prev).
             try:
-                os.unlink(previous)
+                fileio.unlink(previous)
             except FileNotFoundError:
                 pass
             except OSError as unlink_exc:

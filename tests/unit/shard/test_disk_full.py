@@ -11,6 +11,8 @@ real full filesystem:
 from __future__ import annotations
 
 import errno
+import json
+import logging
 import os
 import subprocess
 import time
@@ -132,6 +134,30 @@ def test_disk_full_while_raising_the_id_high_water_mark_stores_nothing(data_dir,
     assert rule.fired >= 1 and [i for i, _ in all_messages(queue)] == [1, 2, 3, 4]
     faults.clear()
     assert queue.push([b"m"], 1) == (5, 5)
+    queue.close()
+
+
+def test_a_checkpoint_whose_backup_link_fails_is_written_and_drops_the_stale_backup(
+        data_dir, faults, caplog):
+    queue = make_queue(data_dir)
+    queue.push([b"a", b"b", b"c"], 1)
+    queue.checkpoint()                        # channels.json is now known good
+    queue.checkpoint()                        # ... so this one keeps it as .prev
+    channels = files.channels_file(queue.directory)
+    previous = files.previous_path(channels)
+    assert previous.exists()
+    got = queue.get("c", 2, 0.0)
+    queue.ack("c", [ticket for _, ticket, _ in got], 0.0)
+    rule = faults.fail("link", errno.EIO, path_contains=files.CHANNELS_FILE)
+    with caplog.at_level(logging.WARNING):
+        queue.checkpoint()
+    assert rule.fired == 1 and "writing without a backup" in caplog.text
+    # The .prev left would be two generations old: it must not pass for the one before.
+    assert not previous.exists()
+    assert json.loads(channels.read_text())["channels"]["c"] == {"next_id": 3, "unacked": []}
+    faults.clear()
+    queue.checkpoint()
+    assert json.loads(previous.read_text())["channels"]["c"]["next_id"] == 3
     queue.close()
 
 
