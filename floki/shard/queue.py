@@ -735,9 +735,7 @@ class Queue:
         wal = self._live_wal()
         # Read before writing: the position was made true by an fsync that already returned.
         position = wal.durable
-        data = self._snapshot()
-        if position is not None:
-            data["log"] = position.to_dict()
+        data = _channels_data(self._snapshot(), position)
         self._replace(files.channels_file(self.directory), data, "_channels_file_good")
         self._stored_position = position
         self._dirty = False
@@ -909,11 +907,9 @@ class _PeriodicJob(Job):
         if self.snapshot is not None:
             synced = self.sync is not None and self.sync_error is None
             position = self.sync.position if synced else self.durable_before
-            data = dict(self.snapshot)
-            if position is not None:
-                data["log"] = position.to_dict()
             try:
-                _replace_file(self.path, data, self.keep_previous, self.name)
+                _replace_file(self.path, _channels_data(self.snapshot, position),
+                              self.keep_previous, self.name)
             except BaseException as exc:
                 self.checkpoint_error = exc
                 if not isinstance(exc, Exception):
@@ -926,6 +922,15 @@ class _PeriodicJob(Job):
 
 
 # --- helpers ------------------------------------------------------------------------------------
+
+def _channels_data(snapshot: dict, position: DurablePosition | None) -> dict:
+    """Returns channels.json's content: the channels' snapshot (Queue._snapshot, not changed)
+    plus the log position that was durable when it was taken, if any."""
+    data = dict(snapshot)
+    if position is not None:
+        data["log"] = position.to_dict()
+    return data
+
 
 def _replace_file(path: Path, data: dict, keep_previous: bool, queue_name: str) -> None:
     """Replaces a checkpoint file; with `keep_previous` (the current file is known good) it is
