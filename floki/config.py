@@ -325,6 +325,11 @@ def load_config(path: str | os.PathLike | None) -> ServerConfig:
     return config_from_dict(data)
 
 
+# The runtime dir under data_dir: the supervisor's lock and process map, the default shard
+# sockets, the processes' runtime overrides (floki/overrides.py).
+RUN_DIR_NAME = ".run"
+
+
 def shard_endpoint(config: ServerConfig, index: int) -> str:
     """Returns the ZeroMQ endpoint shard `index` binds and the frontend connects to.
 
@@ -332,5 +337,5 @@ def shard_endpoint(config: ServerConfig, index: int) -> str:
     """
     if config.shard_endpoints:
         return config.shard_endpoints[index]
-    run_dir = Path(config.data_dir).resolve() / ".run"
+    run_dir = Path(config.data_dir).resolve() / RUN_DIR_NAME
     return f"ipc://{run_dir}/shard-{index}.ipc"

@@ -27,6 +27,7 @@ import json
 import logging
 import os
 import queue
+import secrets
 import signal
 import subprocess
 import sys
@@ -37,7 +38,8 @@ from typing import Callable, Sequence
 
 import psutil
 
-from floki.config import ServerConfig
+from floki.config import RUN_DIR_NAME, ServerConfig
+from floki.overrides import RUN_ID_ENV
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +63,6 @@ class ChildState(enum.Enum):
     STOPPED = "stopped"    # reaped during stop; never restarted
 
 
-RUN_DIR_NAME = ".run"
 STATE_FILE_NAME = "supervisor.json"
 LOCK_FILE_NAME = "supervisor.lock"
 
@@ -275,6 +276,9 @@ class Supervisor:
         self._signals: queue.SimpleQueue[int] = queue.SimpleQueue()
         self._previous_handlers: dict[int, object] = {}
         self._lock_fd: int | None = None
+        # Names this run for the children (floki/overrides.py rule 2): a child restarted by
+        # this supervisor gets back the CONFIG SET values it applied; a new start does not.
+        self.run_id = secrets.token_hex(8)
 
     @classmethod
     def from_config(cls, config: ServerConfig, common: Sequence[str]) -> "Supervisor":
@@ -378,6 +382,7 @@ class Supervisor:
         try:
             child.process = subprocess.Popen(
                 child.spec.argv, stdin=subprocess.DEVNULL,
+                env={**os.environ, RUN_ID_ENV: self.run_id},
                 preexec_fn=_die_with_parent(os.getpid()))
         except OSError as exc:
             log.error("cannot start %s: %s", child.spec.name, exc)

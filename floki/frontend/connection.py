@@ -57,6 +57,7 @@ from floki.frontend import access, fanout
 from floki.frontend.handlers import Session, answer
 from floki.frontend.metrics import CommandTimes
 from floki.frontend.resp import FrameLimits, RequestReader
+from floki.overrides import Overrides
 from floki.requests import FANOUT_REQUESTS
 from floki.routing import shard_for
 
@@ -73,8 +74,11 @@ _BEFORE_AUTH_COMMANDS = frozenset({b"AUTH", b"HELLO", b"QUIT"})    # rule 6
 class Frontend:
     """What every connection of the frontend process shares: router, live config, clients."""
 
-    def __init__(self, config: ServerConfig, router: Any, loop: asyncio.AbstractEventLoop):
+    def __init__(self, config: ServerConfig, router: Any, loop: asyncio.AbstractEventLoop,
+                 overrides: Overrides | None = None):
         self.config = config
+        # CONFIG SET server.* values recorded for a restart in this run (floki/overrides.py)
+        self.overrides = overrides if overrides is not None else Overrides(None, None)
         self.limits = Limits(config.max_message_size, config.max_get_count)
         # Shared by every connection's reader, so CONFIG SET holds from the next read.
         self.frame_limits = FrameLimits(max_bulk_bytes=config.max_bulk_len,
@@ -118,6 +122,13 @@ class Frontend:
             config = self.config.with_value(key, value)
         except ConfigError as exc:
             raise InvalidParameter(f"Invalid CONFIG SET parameter: {exc}") from None
+        try:
+            self.overrides.record(key, value)
+        except OSError as exc:
+            # The shards applied it already: refusing here would leave them disagreeing with
+            # this frontend now, not only after its restart.
+            log.error("CONFIG SET server.%s applies, but a restart of this frontend will not "
+                      "keep it: %s", key, exc)
         self.config = config
         self.limits = Limits(config.max_message_size, config.max_get_count)
         self.frame_limits.set_max_message_bytes(config.max_message_size)

@@ -30,6 +30,7 @@ import os
 import signal
 
 from floki.config import ConfigError, ServerConfig, shard_endpoint
+from floki.overrides import Overrides
 from floki.frontend import access
 from floki.frontend.connection import Connection, Frontend
 from floki.frontend.metrics import Metrics, MetricsServer
@@ -55,9 +56,13 @@ IDLE_SWEEP_MIN_S = 0.01
 
 def run(config: ServerConfig) -> int:
     """Runs the frontend until it is stopped. Returns the process exit code."""
+    # CONFIG SET values this frontend applied earlier in this run (floki/overrides.py).
+    overrides = Overrides.for_process(config, "frontend")
+    config = overrides.apply_to(config)
+    logging.getLogger().setLevel(config.log_level.upper())
     loop_factory = uvloop.new_event_loop if uvloop is not None else None
     with asyncio.Runner(loop_factory=loop_factory) as runner:
-        return runner.run(serve(config))
+        return runner.run(serve(config, overrides=overrides))
 
 
 def parse_bind(bind: str) -> tuple[str | None, int]:
@@ -95,7 +100,8 @@ class _Stopper:
 
 
 async def serve(config: ServerConfig, ready: asyncio.Future | None = None,
-                metrics_ready: asyncio.Future | None = None) -> int:
+                metrics_ready: asyncio.Future | None = None,
+                overrides: Overrides | None = None) -> int:
     """Runs the frontend on the running loop until stopped. Returns the exit code.
 
     `ready`, if given, receives the listening (host, port) once clients can connect;
@@ -116,7 +122,7 @@ async def serve(config: ServerConfig, ready: asyncio.Future | None = None,
     router = Router([shard_endpoint(config, i) for i in range(config.shard_count)],
                     config.shard_timeout)
     router.start(loop)
-    frontend = Frontend(config, router, loop)
+    frontend = Frontend(config, router, loop, overrides)
     servers: list[asyncio.Server] = []
     metrics_server: MetricsServer | None = None
     sweeper: asyncio.TimerHandle | None = None

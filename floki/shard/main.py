@@ -23,6 +23,7 @@ from pathlib import Path
 import zmq
 
 from floki.config import ServerConfig, shard_endpoint
+from floki.overrides import Overrides
 from floki.shard.catalog import Catalog
 from floki.shard.server import FsyncFailed, ShardServer
 
@@ -50,6 +51,11 @@ def run(config: ServerConfig, index: int, bind: str | None = None) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     parent = os.getppid()
+    # CONFIG SET values this shard applied earlier in this run (a supervisor restart), before
+    # anything opens: above all the fsync mode (floki/overrides.py rule 1).
+    overrides = Overrides.for_process(config, f"shard-{index}")
+    config = overrides.apply_to(config)
+    logging.getLogger().setLevel(config.log_level.upper())
 
     data_dir = Path(config.data_dir)
     catalog = Catalog(data_dir, index, config.shard_count, config.queue, config.fsync)
@@ -76,7 +82,7 @@ def run(config: ServerConfig, index: int, bind: str | None = None) -> int:
     log.info("shard %d of %d serving on %s (pid %d, fsync=%s)", index, config.shard_count,
              endpoint, os.getpid(), config.fsync)
 
-    server = ShardServer(config, index, catalog, socket)
+    server = ShardServer(config, index, catalog, socket, overrides)
     try:
         server.serve(lambda: bool(signals_seen) or os.getppid() != parent)
     except FsyncFailed as exc:

@@ -48,6 +48,7 @@ from floki.config import RUNTIME_KEYS, ConfigError, ServerConfig
 from floki.errors import (ChannelAlreadyExists, DiskFull, FlokiError, InvalidParameter,
                           QueueAlreadyExists, StorageIOError, WrongShard, to_reply)
 from floki.histogram import Histogram
+from floki.overrides import Overrides
 from floki.shard.background import BackgroundWorker
 from floki.shard.catalog import Catalog
 
@@ -110,8 +111,11 @@ class _Timers:
 
 
 class ShardServer:
-    def __init__(self, config: ServerConfig, index: int, catalog: Catalog, socket: zmq.Socket):
+    def __init__(self, config: ServerConfig, index: int, catalog: Catalog, socket: zmq.Socket,
+                 overrides: Overrides | None = None):
         self.config = config
+        # CONFIG SET server.* values recorded for a restart in this run (floki/overrides.py)
+        self.overrides = overrides if overrides is not None else Overrides(None, None)
         self.index = index
         self.catalog = catalog
         self.socket = socket
@@ -577,6 +581,12 @@ class ShardServer:
             config = self.config.with_value(key, request.value)
         except ConfigError as exc:
             raise InvalidParameter(f"Invalid CONFIG SET parameter: {exc}") from None
+        try:
+            self.overrides.record(key, request.value)   # overrides.py rule 3: first
+        except OSError as exc:
+            log.error("CONFIG SET server.%s refused: cannot record it for a restart: %s",
+                      key, exc)
+            raise StorageIOError(f"cannot record CONFIG SET for a restart: {exc}") from None
         self.apply_config(config)
         return wire.JSON, _json({"ok": True})
 

@@ -120,6 +120,33 @@ def test_kill_9_frontend_clients_reconnect_and_data_is_intact(floki_server):
     assert [m[2] for m in cmd(fresh, "HMGET", "fq", "c", 10)] == [b"before", b"after"]
 
 
+def test_config_set_outlives_killed_processes_but_not_a_new_start(floki_server):
+    """floki/overrides.py: a shard killed after CONFIG SET server.fsync always came back in
+    "interval" mode and acknowledged unsynced pushes; now every process the supervisor
+    restarts gets its values back, and a new `floki start` begins from floki.toml."""
+    server = floki_server(shards=2)
+    r = server.client()
+    assert cmd(r, "CONFIG", "SET", "server.fsync", "always") == b"OK"
+    assert cmd(r, "CONFIG", "SET", "server.max_get_count", "7") == b"OK"
+    old_shard = server.kill_shard(0)              # CONFIG GET server is shard 0's answer
+    old_frontend = server.kill_frontend()
+    server.wait_until(lambda: server.pids()["shards"][0] not in (None, old_shard)
+                      and server.pids()["frontend"] not in (None, old_frontend), 10,
+                      message="shard 0 and the frontend restarted")
+    r = server.client()
+    server.wait_until(lambda: server.shards_answer(r), 10, message="every shard answers")
+    assert json.loads(cmd(r, "CONFIG", "GET", "server")[0])["fsync"] == "always"
+    cmd(r, "SET", "cq", "c")
+    with pytest.raises(redis.ResponseError, match=r"count value \(max 7\)"):
+        cmd(r, "HMGET", "cq", "c", 8)             # refused by the restarted frontend itself
+    r.close()
+    assert server.stop() == 0
+    server.start()
+    r = server.client()
+    config = json.loads(cmd(r, "CONFIG", "GET", "server")[0])
+    assert (config["fsync"], config["max_get_count"]) == ("interval", 10000)
+
+
 def test_graceful_restart_keeps_positions_acks_and_settings(floki_server):
     server = floki_server(shards=2)
     r = server.client()

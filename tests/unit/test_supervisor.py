@@ -55,6 +55,13 @@ IGNORER = _READY + (
     "ready()\n"
     "time.sleep(60)\n")
 
+# Appends the run id the supervisor gave it to <marker_dir>/run-<name>, then sleeps.
+RUN_ID_WRITER = _READY + (
+    "import time\n"
+    "with open(os.path.join(sys.argv[2], 'run-' + sys.argv[1]), 'a') as f:\n"
+    "    f.write(os.environ.get('FLOKI_RUN_ID', '-') + '\\n')\n"
+    "ready()\n"
+    "time.sleep(60)\n")
 CRASHER = "import sys\nsys.exit(1)\n"
 BOOT_FAILURE = "import sys\nsys.exit(3)\n"
 
@@ -310,6 +317,28 @@ def test_a_killed_child_is_restarted_with_a_new_pid(supervise, tmp_path, role, i
     assert f"restarting {name} in 0.10 s" in sup.log()
     others = [c for c in sup.state()["children"] if (c["role"], c["index"]) != (role.value, index)]
     assert all(c["restarts"] == 0 for c in others)
+
+
+def test_children_share_a_run_id_that_a_restart_keeps_and_a_new_start_changes(supervise,
+                                                                               tmp_path):
+    """floki/overrides.py rule 2: the id scopes the CONFIG SET values a restart re-applies."""
+    markers = tmp_path / "markers"
+    sup = supervise(full_set(tmp_path, RUN_ID_WRITER, shards=1))
+    sup.wait_running()
+    old = sup.child(Role.SHARD, 0)["pid"]
+    os.kill(old, signal.SIGKILL)
+    wait_until(lambda: len((markers / "run-shard0").read_text().split()) == 2, 5,
+               message="the shard restarted")
+    shard_runs = (markers / "run-shard0").read_text().split()
+    frontend_runs = (markers / "run-frontend").read_text().split()
+    assert len(set(shard_runs)) == 1 and frontend_runs == shard_runs[:1]
+    assert len(shard_runs[0]) == 16 and shard_runs[0] != "-"
+    sup.signal(signal.SIGTERM)
+    assert sup.wait(10) == 0
+    again = supervise(full_set(tmp_path, RUN_ID_WRITER, shards=1))
+    again.wait_running()
+    wait_until(lambda: len((markers / "run-frontend").read_text().split()) == 2, 5)
+    assert (markers / "run-frontend").read_text().split()[1] != shard_runs[0]
 
 
 def test_a_crashing_child_is_restarted_with_doubling_delays(supervise, tmp_path):

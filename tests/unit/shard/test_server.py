@@ -23,6 +23,7 @@ import zmq
 from floki import __version__, reply, wire
 from floki import requests as rq
 from floki.config import QueueSettings, ServerConfig
+from floki.overrides import Overrides
 from floki.routing import shard_for
 from floki.shard.catalog import Catalog
 from floki.shard.queue import Queue
@@ -852,6 +853,24 @@ def test_config_set_server_bad_values_and_unknown_keys_are_ipa(rig):
     assert error_line(rig.resp("CONFIG", "SET", "server.nosuchkey", "1")).startswith("IPA ")
     assert error_line(rig.resp("CONFIG", "SET", "server.queue.nosuch", "1")).startswith("IPA ")
     assert rig.server.config == before
+
+
+def test_config_set_server_is_recorded_for_a_restart_in_this_run(rig, tmp_path):
+    rig.server.overrides = Overrides(tmp_path / "run" / "shard-0.overrides.json", "run-a")
+    assert rig.json("CONFIG", "SET", "server.fsync", "always") == {"ok": True}
+    rig.resp("CONFIG", "SET", "server.fsync", "sometimes")       # refused: not recorded
+    restarted = Overrides(tmp_path / "run" / "shard-0.overrides.json", "run-a")
+    assert restarted.load() == {"fsync": "always"}
+
+
+def test_config_set_server_that_cannot_be_recorded_is_refused_with_nothing_changed(
+        rig, tmp_path):
+    (tmp_path / "run").write_text("a file where the directory should be")
+    rig.server.overrides = Overrides(tmp_path / "run" / "shard-0.overrides.json", "run-a")
+    before = rig.server.config
+    line = error_line(rig.resp("CONFIG", "SET", "server.fsync", "always"))
+    assert line.startswith("ERR cannot record CONFIG SET for a restart")
+    assert rig.server.config == before and rig.catalog.fsync == before.fsync
 
 
 def test_config_set_server_log_level_sets_the_root_logger(rig):
