@@ -30,11 +30,11 @@ import os
 import signal
 
 from floki.config import ConfigError, ServerConfig, shard_endpoint
-from floki.overrides import Overrides
 from floki.frontend import access
 from floki.frontend.connection import Connection, Frontend
 from floki.frontend.metrics import Metrics, MetricsServer
 from floki.frontend.router import Router, ShardState
+from floki.overrides import Overrides
 from floki.supervisor import ExitCode
 
 try:

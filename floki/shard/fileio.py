@@ -1,10 +1,9 @@
 """fileio: the one doorway through which the storage engine touches files.
 
-Owns: the file operations segment.py, wal.py, checkpoint.py and files.py use to change or read
-their files (open, close, write, writev, pread, fsync, ftruncate, fstat, replace, link,
-unlink), and
-the hook that lets a test put a fault-injecting layer in front of them (tests/faultfs.py:
-failing writes/fsyncs with ENOSPC or EIO, simulating power loss).
+Owns: the file operations segment.py, wal.py, checkpoint.py, files.py and queue.py use to
+change or read their files (open, close, write, writev, pread, fsync, ftruncate, fstat,
+replace, link, unlink), and the hook that lets a test put a fault-injecting layer in front of
+them (tests/faultfs.py: failing writes/fsyncs with ENOSPC or EIO, simulating power loss).
 Rules:
   1. Storage code calls `fileio.write(fd, data)`, never `os.write`: the module attributes below
      ARE the os functions in production, so the cost is the one attribute lookup `os.write`
