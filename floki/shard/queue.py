@@ -526,12 +526,14 @@ class Queue:
 
     def purge_channel(self, channel: str) -> bool:
         """Skips everything written so far for one channel; its in-flight set is dropped.
-        Returns False if there is no such channel."""
+        Durable at return, as a seek is: a crash must not hand the purged messages out again.
+        Returns False if there is no such channel. Raises DiskFull / StorageIOError."""
         ch = self._channels.get(channel)
         if ch is None:
             return False
         ch.purge(self._live_wal().next_id)
         self._dirty = True
+        self.checkpoint()
         return True
 
     def purge(self) -> None:
