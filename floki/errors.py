@@ -85,6 +85,12 @@ class ShardUnavailable(FlokiError):
     default = "shard unavailable, try again"
 
 
+class ConfigDisagreement(FlokiError):
+    """CONFIG GET server found shards running different values (a CONFIG SET that failed on
+    some shard after others had applied it)."""
+    default = "shards disagree on the server configuration"
+
+
 class WrongShard(FlokiError):
     default = "queue routed to the wrong shard (frontend and shards disagree on the shard count)"
 

@@ -52,13 +52,13 @@ from floki.reply import EMPTY_ARRAY
 from floki.commands import Limits, parse
 from floki.config import ConfigError, ServerConfig
 from floki.errors import (Denied, FlokiError, InternalError, InvalidParameter, NoAuth,
-                          ProtocolError, TooManyClients, is_fatal, to_reply)
+                          ProtocolError, ShardUnavailable, TooManyClients, is_fatal, to_reply)
 from floki.frontend import access, fanout
 from floki.frontend.handlers import Session, answer
 from floki.frontend.metrics import CommandTimes
 from floki.frontend.resp import FrameLimits, RequestReader
 from floki.overrides import Overrides
-from floki.requests import FANOUT_REQUESTS
+from floki.requests import FANOUT_REQUESTS, ConfigSetServer
 from floki.routing import shard_for
 
 log = logging.getLogger(__name__)
@@ -362,6 +362,10 @@ class Connection(asyncio.Protocol):
 
     def _fan_out(self, slot: _Slot, request: object, argv: list[bytes]) -> None:
         count = self._frontend.shard_count
+        if type(request) is ConfigSetServer and self._router.shards_up < count:
+            # Sent to the shards that are up it would apply there and not on the others
+            # (fanout.py rules 4 and 5): refused before anything changes.
+            raise ShardUnavailable()
         fan = slot.fanout = _FanOut(slot, request, self.session.protover, count)
         for index in range(count):
             fan.request_ids.append(

@@ -9,8 +9,13 @@ Rules:
   3. INFO and CONFIG GET reply with a one-element array holding the JSON text (Floki's original
      format); plain `INFO` is a bulk of `key:value` lines, because redis-cli insists on one.
   4. CONFIG SET takes effect on the frontend (`frontend.apply_config`) only after every shard
-     accepted it, so all processes keep the same configuration.
-  5. CONFIG GET server never shows a secret (`requirepass`): a set one reads as SECRET_MASK.
+     accepted it, so all processes keep the same configuration. It is sent only while every
+     shard is up (connection.py); a shard that fails it after others applied it (it died on
+     the way, or could not record it) leaves them disagreeing until it is set again, and:
+  5. CONFIG GET server answers with the shards' configuration only when every shard that
+     answered runs the same one; otherwise it names the keys and each shard's value
+     (ConfigDisagreement), instead of letting the first shard speak for all. It never shows a
+     secret (`requirepass`): a set one reads as SECRET_MASK.
 """
 from __future__ import annotations
 
@@ -19,7 +24,7 @@ from typing import Any, Callable, Protocol
 
 from floki import reply, wire
 from floki import requests as rq
-from floki.errors import QueueNotFound
+from floki.errors import ConfigDisagreement, QueueNotFound
 from floki.frontend.resp import OK, encode_verbatim
 
 Part = tuple[bytes, bytes]
@@ -98,15 +103,25 @@ def _info_queues(request: rq.InfoQueues, parts: list[Part], frontend: FrontendFa
 
 def _config_get_server(request: rq.ConfigGetServer, parts: list[Part], frontend: FrontendFacts,
                        protover: int) -> bytes:
-    # Every shard runs the same configuration; the first one to answer speaks for all.
-    for status, payload in parts:
-        if status == wire.JSON:
-            config = _objects([(status, payload)])[0]
-            for key in SECRET_KEYS:
-                if config.get(key):
-                    config[key] = SECRET_MASK
-            return _json_reply(config)
-    return parts[0][1]
+    answered = {index: obj for index, (status, payload) in enumerate(parts)
+                if status == wire.JSON for obj in _objects([(status, payload)])}
+    if not answered:
+        return parts[0][1]
+    configs = list(answered.values())
+    config = configs[0]
+    differing = sorted({key for other in configs[1:] for key in config.keys() | other.keys()
+                        if other.get(key) != config.get(key)})
+    if differing:                                       # rule 5
+        raise ConfigDisagreement("shards disagree on " + "; ".join(
+            f"{key} (" + ", ".join(f"shard {index}: {_shown(key, obj.get(key))}"
+                                   for index, obj in answered.items()) + ")"
+            for key in differing) + "; CONFIG SET it again")
+    return _json_reply({key: _shown(key, value) for key, value in config.items()})
+
+
+def _shown(key: str, value: Any) -> Any:
+    """A configuration value as CONFIG GET may show it (rule 5: no secret)."""
+    return SECRET_MASK if key in SECRET_KEYS and value else value
 
 
 def _config_get_queues(request: rq.ConfigGetQueues, parts: list[Part], frontend: FrontendFacts,

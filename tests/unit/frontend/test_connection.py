@@ -103,6 +103,10 @@ class FakeRouter:
     def cancel(self, request_id):
         self.cancelled.append(request_id)
 
+    @property
+    def shards_up(self):
+        return self.shard_count - len(self.down)
+
     def flush(self):
         pass                       # sends are recorded at once: nothing is ever queued
 
@@ -355,6 +359,17 @@ def test_config_set_needs_every_shard_then_applies_to_the_frontend():
     client.settle()
     assert client.transport.output == b"-IPA Invalid CONFIG SET parameter\r\n"
     assert client.frontend.limits.max_get_count == 5
+
+
+def test_config_set_while_a_shard_is_down_reaches_no_shard():
+    """Sent to the shards that are up, it would apply there only (found with real processes:
+    max_get_count 5 on shard 0, 10000 on shard 1, and CONFIG GET showing 5)."""
+    client = Client(config=ServerConfig(max_get_count=100))
+    client.router.down.add(1)
+    client.send(resp(b"CONFIG", b"SET", b"server.max_get_count", b"5"))
+    assert client.transport.output == b"-ERR shard unavailable, try again\r\n"
+    assert client.router.ids_for(b"CONFIG") == []
+    assert client.frontend.limits.max_get_count == 100
 
 
 # --- errors, flow control, lifecycle ---------------------------------------------------------

@@ -5,7 +5,7 @@ import pytest
 
 from floki import requests as rq
 from floki import wire
-from floki.errors import QueueNotFound
+from floki.errors import ConfigDisagreement, QueueNotFound
 
 DOWN = (b"!", b"-ERR shard unavailable, try again\r\n")
 
@@ -64,10 +64,26 @@ def test_info_queues_union_and_first_error_wins():
     assert merge(rq.InfoQueues(""), [(wire.JSON, b"{}"), DOWN]) == DOWN[1]
 
 
-def test_config_get_server_is_the_first_answer():
+def test_config_get_server_is_the_configuration_every_answering_shard_runs():
     parts = [DOWN, (wire.JSON, b'{"fsync":"always"}')]
     assert json_of(merge(rq.ConfigGetServer(), parts)) == {"fsync": "always"}
     assert merge(rq.ConfigGetServer(), [DOWN, DOWN]) == DOWN[1]
+    same = (wire.JSON, b'{"fsync":"always","max_get_count":5}')
+    assert json_of(merge(rq.ConfigGetServer(), [same, DOWN, same])) == {
+        "fsync": "always", "max_get_count": 5}
+
+
+def test_config_get_server_names_what_shards_disagree_on():
+    """A CONFIG SET that failed on one shard after another applied it: the first shard must
+    not speak for all (fanout.py rule 5)."""
+    parts = [(wire.JSON, b'{"fsync":"always","max_get_count":5,"requirepass":"a"}'),
+             (wire.JSON, b'{"fsync":"interval","max_get_count":5,"requirepass":"b"}')]
+    with pytest.raises(ConfigDisagreement) as caught:
+        merge(rq.ConfigGetServer(), parts)
+    message = str(caught.value)
+    assert "fsync (shard 0: always, shard 1: interval)" in message
+    assert "requirepass" in message and "a," not in message and "b)" not in message
+    assert "max_get_count" not in message and message.endswith("CONFIG SET it again")
 
 
 def test_config_get_queues_exact_miss_is_queue_not_found():
