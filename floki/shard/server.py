@@ -15,7 +15,11 @@ Rules:
   3. A long poll (HMGET with a timeout and nothing available) is parked, not busy-waited. It is
      answered when a push or an expired delivery makes a message available to its channel, when
      its deadline passes (empty array), or dropped when the frontend cancels it (client gone),
-     so a vanished client never swallows messages.
+     so a vanished client never swallows messages. A frontend that dies cannot cancel: once the
+     socket reports a disconnect, a parked poll is answered only after its frontend was heard
+     from again (it pings every 0.25 s), and dropped when it stays silent (`shard_timeout`).
+     Otherwise a frontend restarted within `shard_timeout` had its predecessor's polls take
+     the next messages, in flight to nobody until their message timeout.
   4. Every handler is in HANDLERS, keyed by request type; errors become replies via errors.py.
   5. STATS (wire.py) is answered with `stats()`, the numbers the frontend's /metrics shows: built
      from counters the queues keep as plain ints, so a scrape costs no scan of anything in
@@ -42,6 +46,8 @@ from typing import Callable
 
 import zmq
 
+from zmq.utils.monitor import recv_monitor_message
+
 from floki import __version__, commands, reply, wire
 from floki import requests as rq
 from floki.config import RUNTIME_KEYS, ConfigError, ServerConfig
@@ -63,6 +69,7 @@ MAX_PASS_S = 0.05           # work per pass before replies are sent (see _take_b
 SYNC_AHEAD_BYTES = 8 * 1024 * 1024
 STREAM_REPLY_BYTES = 64 * 1024  # replies held in a pass before they are sent (_take_batch)
 STREAM_REPLY_S = 0.002          # ... or time since the last send
+MONITOR_S = 0.05                # peer disconnects are read at least this often (rule 3)
 # Stale deadline entries (answered or cancelled polls) tolerated beyond twice the parked ones
 DEADLINE_SLACK = 64
 # What a failed Queue.sync raises: the OSError arrives wrapped as a client-visible error.
@@ -129,6 +136,9 @@ class ShardServer:
         self.parked: dict[str, dict[str, deque[Parked]]] = {}
         self.parked_by_id: dict[tuple[bytes, int], Parked] = {}
         self.peer_seen: dict[bytes, float] = {}  # frontend identity -> last message (monotonic)
+        self.disconnected_s = float("-inf")     # the socket's last peer disconnect (rule 3)
+        self._monitor: zmq.Socket | None = None   # its monitor while serve() runs
+        self.monitor_due = 0.0
         self.deadlines: list[tuple[float, int, Parked]] = []
         self._seq = itertools.count()
         now = time.monotonic()
@@ -155,16 +165,42 @@ class ShardServer:
         Raises FsyncFailed (the caller exits non-zero at once: the worker is not joined)."""
         poller = zmq.Poller()
         poller.register(self.socket, zmq.POLLIN)
+        # Rule 3: peer disconnects, read when the poll reports one, else every MONITOR_S
+        monitor = self._monitor = self.socket.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        poller.register(monitor, zmq.POLLIN)
         busy = False
-        while not should_stop():
-            # A pass that took requests is followed by another attempt without polling: under
-            # load the socket is rarely empty, and zmq_poll costs more than asking ZMQ_EVENTS.
-            if busy or poller.poll(self._poll_timeout_ms()):
-                busy = self._take_batch() > 0
-            self._finish_pass()
-            self._run_timers(time.monotonic())
-            self._finish_pass()
+        try:
+            while not should_stop():
+                # A pass that took requests is followed by another attempt without polling:
+                # under load the socket is rarely empty, and zmq_poll costs more than asking
+                # ZMQ_EVENTS.
+                if busy:
+                    busy = self._take_batch() > 0
+                else:
+                    ready = poller.poll(self._poll_timeout_ms())
+                    if ready:
+                        busy = self._take_batch() > 0
+                        if len(ready) > 1 or ready[0][0] is monitor:
+                            self.take_disconnects()
+                self._finish_pass()
+                self._run_timers(time.monotonic())
+                self._finish_pass()
+        finally:
+            self._monitor = None
+            self.socket.disable_monitor()
+            monitor.close(linger=0)
         self.stop_background()
+
+    def take_disconnects(self) -> None:
+        """Notes the peer disconnects the socket monitor reported (rule 3)."""
+        monitor = self._monitor
+        self.monitor_due = time.monotonic() + MONITOR_S
+        while monitor is not None and _get_option(monitor, _EVENTS) & _POLLIN:
+            event = recv_monitor_message(monitor, zmq.NOBLOCK)
+            if event["event"] == zmq.EVENT_DISCONNECTED:
+                self.disconnected_s = time.monotonic()
+                log.info("a frontend connection closed: its long polls wait for its next "
+                         "ping before they are answered")
 
     def stop_background(self) -> None:
         """Shard shutdown (background.py rule e): the worker takes no more jobs, finishes the
@@ -361,6 +397,8 @@ class ShardServer:
                         queue.interval_sync(self.background)
                     except Exception:
                         log.exception("queue %r: fsync failed", queue.name)
+        if now >= self.monitor_due:
+            self.take_disconnects()
         self._forget_dead_peers(now)
         while self.deadlines and self.deadlines[0][0] <= now:
             _, _, parked = heapq.heappop(self.deadlines)
@@ -420,13 +458,14 @@ class ShardServer:
             return
         queue = self.catalog.queues.get(name)
         for channel, waiters in list(by_channel.items()):
-            while waiters:
-                parked = waiters[0]
+            for parked in list(waiters):        # in arrival order; _unpark edits `waiters`
                 if not self._peer_alive(parked.identity, now):
                     # Its frontend died (no heartbeat): a reply would be dropped with the
                     # messages in it, leaving them in flight until their timeout.
                     self._unpark(parked)
                     continue
+                if self.peer_seen.get(parked.identity, now) <= self.disconnected_s:
+                    continue        # maybe the frontend that went away (rule 3): not yet
                 try:
                     if queue is None or not queue.has_channel(channel):
                         # Deleted while waiting: re-running the get reports QNF/CNF.

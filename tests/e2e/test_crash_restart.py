@@ -9,6 +9,8 @@ import time
 
 import pytest
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from floki.routing import shard_for
 
@@ -145,6 +147,39 @@ def test_config_set_outlives_killed_processes_but_not_a_new_start(floki_server):
     r = server.client()
     config = json.loads(cmd(r, "CONFIG", "GET", "server")[0])
     assert (config["fsync"], config["max_get_count"]) == ("interval", 10000)
+
+
+def test_a_long_poll_of_a_killed_frontend_takes_no_message(floki_server):
+    """The shard still counted the dead frontend as alive (up to shard_timeout) when its
+    successor, up within ~0.5 s, pushed: the orphaned poll took the message, in flight to
+    nobody until message_timeout (found by a crash hunt). Now it waits for a ping first."""
+    server = floki_server(shards=2, queue_message_timeout="20s")
+    r = server.client()
+    queue = queue_on(0, 2, "lp")
+    cmd(r, "SET", queue, "c")
+    # No retry: redis-py would send the poll again through the restarted frontend, where it
+    # rightly takes the message.
+    orphan = server.client(socket_timeout=40, retry=Retry(NoBackoff(), 0))
+    orphaned = threading.Thread(target=lambda: _ignore_errors(
+        lambda: cmd(orphan, "HMGET", queue, "c", 1, 30)), daemon=True)
+    orphaned.start()
+    time.sleep(0.5)                                 # parked on shard 0
+    old = server.kill_frontend()
+    server.wait_until(lambda: server.pids()["frontend"] not in (None, old)
+                      and server.client(socket_timeout=1).ping(), 15, interval=0.02,
+                      message="the frontend restarted")
+    r = server.client(socket_timeout=10)
+    assert cmd(r, "RPUSH", queue, "hello") == 1
+    started = time.monotonic()
+    got = cmd(r, "HMGET", queue, "c", 1, 5)
+    assert [m[2] for m in got] == [b"hello"] and time.monotonic() - started < 5
+
+
+def _ignore_errors(call) -> None:
+    try:
+        call()
+    except redis.RedisError:
+        pass                                        # its frontend was killed: expected
 
 
 def test_graceful_restart_keeps_positions_acks_and_settings(floki_server):

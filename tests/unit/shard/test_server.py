@@ -786,6 +786,38 @@ def test_answered_polls_do_not_pile_up_in_the_deadline_heap(rig):
     assert still_parked in rig.replies(2)
 
 
+def test_after_a_disconnect_a_poll_waits_for_its_frontend_to_be_heard_from(rig):
+    """server.py rule 3: the socket reported a disconnect; a parked poll whose frontend was
+    not heard from since may belong to the frontend that went away."""
+    rig.resp("SET", "q", "c")
+    other = rig.dealer.context.socket(zmq.DEALER)
+    other.setsockopt(zmq.LINGER, 0)
+    other.setsockopt(zmq.IDENTITY, b"other-frontend")
+    other.connect(rig.dealer.getsockopt(zmq.LAST_ENDPOINT).decode())
+    other.send(wire.encode_request(41, wire.COMMAND, [b"HMGET", b"q", b"c", b"1", b"30"])[0])
+    assert rig.server.socket.poll(REPLY_WAIT_MS)
+    rig.server._take_batch()
+    rig.finish()                                    # parked
+    assert rig.server.parked_count == 1
+    rig.server.disconnected_s = time.monotonic()    # as take_disconnects() notes one
+    rig.resp("RPUSH", "q", "m1")                    # heard from: this dealer, not `other`
+    assert rig.server.parked_count == 1 and not other.poll(SILENCE_MS)
+    assert [m[2] for m in parse(rig.resp("HMGET", "q", "c", "1"))] == [b"m1"]
+    other.send(wire.encode_request(42, wire.PING)[0])   # its next ping
+    assert rig.server.socket.poll(REPLY_WAIT_MS)
+    rig.server._take_batch()
+    rig.finish()
+    rig.resp("RPUSH", "q", "m2")
+    assert other.poll(REPLY_WAIT_MS)
+    replies = dict((rid, payload) for rid, _, payload in wire.decode_replies(
+        other.recv_multipart()) if rid == 41)
+    if not replies:                                 # the PONG came in its own message
+        replies = dict((rid, payload) for rid, _, payload in wire.decode_replies(
+            other.recv_multipart()))
+    assert [m[2] for m in parse(replies[41])] == [b"m2"]
+    other.close()
+
+
 # --- CONFIG SET server.KEY ----------------------------------------------------------------------
 
 def test_config_set_server_fsync_switches_every_queue(rig):
