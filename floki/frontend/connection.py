@@ -113,6 +113,12 @@ class Frontend:
                 "uptime_s": round(time.monotonic() - self.started_s, 3),
                 "client_count": len(self.connections), "shards": self.shard_count}
 
+    def config_value(self, key: str) -> str:
+        """Returns server key `key` (or `queue.KEY`) as CONFIG SET takes it."""
+        if key.startswith("queue."):
+            return str(getattr(self.config.queue, key[len("queue."):]))
+        return str(getattr(self.config, key))
+
     def apply_config(self, key: str, value: str) -> None:
         """Applies CONFIG SET server.<key> here too (new limits hold for the next command).
 
@@ -162,6 +168,13 @@ class _Slot:
         if timer is not None:
             timer.observe(_perf_counter() - self.started_s)
         self.conn._slot_done(self)
+
+
+def _undone(index: int, key: str, status: bytes, payload: bytes) -> None:
+    """The reply of a shard told to set a partly failed CONFIG SET back."""
+    if status != wire.JSON:
+        log.error("shard %d could not set server.%s back (%s): CONFIG GET server names the "
+                  "disagreement until it is set again", index, key, bytes(payload)[:200])
 
 
 class _FanOut:
@@ -373,6 +386,8 @@ class Connection(asyncio.Protocol):
 
     def _merge(self, fan: _FanOut) -> None:
         slot = fan.slot
+        if type(fan.request) is ConfigSetServer:
+            self._undo_partial_config_set(fan)
         try:
             slot.reply = fanout.merge(fan.request, fan.parts, self._frontend, fan.protover)
         except Exception as exc:
@@ -380,6 +395,22 @@ class Connection(asyncio.Protocol):
         else:
             slot.timer.observe(_perf_counter() - slot.started_s)
         self._slot_done(slot)
+
+    def _undo_partial_config_set(self, fan: _FanOut) -> None:
+        """fanout.py rule 4: a CONFIG SET server that some shard failed is set back, on the
+        shards that applied it, to the value this frontend still runs (it applies a value
+        only once every shard did)."""
+        applied = [i for i, (status, _) in enumerate(fan.parts) if status == wire.JSON]
+        if not applied or len(applied) == len(fan.parts):
+            return
+        key = fan.request.key
+        previous = self._frontend.config_value(key)
+        argv = [b"CONFIG", b"SET", b"server." + key.encode(), previous.encode()]
+        log.warning("CONFIG SET server.%s failed on shard(s) %s: setting it back to %s on %s",
+                    key, [i for i in range(len(fan.parts)) if i not in applied], previous,
+                    applied)
+        for index in applied:
+            self._router.send(index, argv, functools.partial(_undone, index, key))
 
     def _fail(self, slot: _Slot, exc: BaseException, argv: list[bytes] | None = None) -> None:
         """Answers `slot` with the error reply for `exc` (rule 3)."""

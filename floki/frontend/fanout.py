@@ -10,8 +10,9 @@ Rules:
      format); plain `INFO` is a bulk of `key:value` lines, because redis-cli insists on one.
   4. CONFIG SET takes effect on the frontend (`frontend.apply_config`) only after every shard
      accepted it, so all processes keep the same configuration. It is sent only while every
-     shard is up (connection.py); a shard that fails it after others applied it (it died on
-     the way, or could not record it) leaves them disagreeing until it is set again, and:
+     shard is up, and one that some shard fails (it died on the way, or could not record it)
+     is set back on the shards that applied it (connection.py). If that fails too, they
+     disagree until it is set again, and:
   5. CONFIG GET server answers with the shards' configuration only when every shard that
      answered runs the same one; otherwise it names the keys and each shard's value
      (ConfigDisagreement), instead of letting the first shard speak for all. It never shows a

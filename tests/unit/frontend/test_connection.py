@@ -361,6 +361,25 @@ def test_config_set_needs_every_shard_then_applies_to_the_frontend():
     assert client.frontend.limits.max_get_count == 5
 
 
+def test_config_set_that_one_shard_fails_is_set_back_on_the_others():
+    client = Client(config=ServerConfig(max_get_count=100), router=FakeRouter(shard_count=3))
+    client.send(resp(b"CONFIG", b"SET", b"server.max_get_count", b"5"))
+    first, second, third = client.router.ids_for(b"CONFIG")
+    client.router.answer(first, b'{"ok":true}', wire.JSON)
+    client.router.answer(second, UNAVAILABLE_REPLY, UNAVAILABLE)     # died on the way
+    client.router.answer(third, b'{"ok":true}', wire.JSON)
+    client.settle()
+    assert client.transport.output == UNAVAILABLE_REPLY
+    assert client.frontend.limits.max_get_count == 100
+    undo = {rid: client.router.sent[rid][:2] for rid in client.router.ids_for(b"CONFIG")}
+    assert sorted(undo.values()) == [
+        (0, [b"CONFIG", b"SET", b"server.max_get_count", b"100"]),
+        (2, [b"CONFIG", b"SET", b"server.max_get_count", b"100"])]
+    for rid in undo:
+        client.router.answer(rid, b'{"ok":true}', wire.JSON)
+    assert client.transport.output == UNAVAILABLE_REPLY           # nothing more to the client
+
+
 def test_config_set_while_a_shard_is_down_reaches_no_shard():
     """Sent to the shards that are up, it would apply there only (found with real processes:
     max_get_count 5 on shard 0, 10000 on shard 1, and CONFIG GET showing 5)."""
