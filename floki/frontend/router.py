@@ -40,6 +40,7 @@ from zmq.utils.monitor import recv_monitor_message
 
 from floki import wire
 from floki.errors import ShardUnavailable, to_reply
+from floki.zmqcalls import MORE, NOBLOCK, message_waiting, recv_frame, send_frame
 
 log = logging.getLogger(__name__)
 
@@ -50,37 +51,24 @@ _MONITOR_EVENTS = zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED
 
 OnReply = Callable[[bytes, bytes], None]   # (status, payload)
 
-# The hot path calls pyzmq's C-level send/recv with int flags: Socket.send_multipart type-checks
-# every part and builds a flag enum per frame, and recv_multipart builds an enum per getsockopt,
-# together about three times the cost of the calls themselves.
-_send_frame = zmq.backend.Socket.send
-_recv_frame = zmq.backend.Socket.recv
-_MORE = int(zmq.SNDMORE | zmq.NOBLOCK)
-_NOBLOCK = int(zmq.NOBLOCK)
 _ZERO_COPY_BYTES = wire.ZERO_COPY_BYTES
-# Rule 5: ZMQ_EVENTS says whether a reply waits (2.4 us); a recv that fails costs 8.7 us, as
-# pyzmq builds an Again exception for it, and every command met two (the drain after its send
-# and the end of the drain that read its reply).
-_get_option = zmq.backend.Socket.get
-_EVENTS = int(zmq.EVENTS)
-_POLLIN = int(zmq.POLLIN)
 
 
 def _send_message(sock: zmq.Socket, frames: list[bytes]) -> None:
     """Sends one multipart message without blocking. Raises zmq.ZMQError (EAGAIN: no peer)."""
     for frame in frames[:-1]:
-        _send_frame(sock, frame, _MORE)
-    _send_frame(sock, frames[-1], _NOBLOCK)
+        send_frame(sock, frame, MORE)
+    send_frame(sock, frames[-1], NOBLOCK)
 
 
 def _recv_message(sock: zmq.Socket) -> list[bytes | memoryview]:
     """Returns the next multipart message; frames of wire.ZERO_COPY_BYTES and more as views of
     ZeroMQ's buffers, not copies (wire.py "Zero copy"). Raises zmq.ZMQError (EAGAIN: none
     waiting)."""
-    frame = _recv_frame(sock, _NOBLOCK, False)      # a zmq.Frame: `.more` costs no getsockopt
+    frame = recv_frame(sock, NOBLOCK, False)      # a zmq.Frame: `.more` costs no getsockopt
     frames = [frame.bytes]
     while frame.more:
-        frame = _recv_frame(sock, _NOBLOCK, False)
+        frame = recv_frame(sock, NOBLOCK, False)
         frames.append(frame.bytes if len(frame) < _ZERO_COPY_BYTES else frame.buffer)
     return frames
 
@@ -333,7 +321,7 @@ class Router:
             return                    # replaced since this drain was scheduled
         pending = self._pending
         received = False
-        while _get_option(sock, _EVENTS) & _POLLIN:
+        while message_waiting(sock):
             try:
                 frames = _recv_message(sock)
             except zmq.ZMQError:      # not expected after EVENTS said POLLIN; stop reading

@@ -45,7 +45,6 @@ from dataclasses import dataclass
 from typing import Callable
 
 import zmq
-
 from zmq.utils.monitor import recv_monitor_message
 
 from floki import __version__, commands, reply, wire
@@ -57,6 +56,7 @@ from floki.histogram import Histogram
 from floki.overrides import Overrides
 from floki.shard.background import BackgroundWorker
 from floki.shard.catalog import Catalog
+from floki.zmqcalls import MORE, NOBLOCK, message_waiting, recv_frame, send_frame
 
 log = logging.getLogger(__name__)
 
@@ -79,20 +79,8 @@ _SYNC_ERRORS = (OSError, DiskFull, StorageIOError)
 FSYNC_BUCKETS_S = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
                    0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
-# The hot path calls pyzmq's C-level send/recv with int flags (as floki/frontend/router.py
-# does): the sugar's send_multipart/recv_multipart type-check every part and build flag enums,
-# which cost more than the calls themselves. ROUTER_MANDATORY is off, so a reply to a vanished
+# The hot path uses floki/zmqcalls.py. ROUTER_MANDATORY is off, so a reply to a vanished
 # frontend is dropped by ZeroMQ rather than raising; a full pipe raises Again.
-_send_frame = zmq.backend.Socket.send
-_recv_frame = zmq.backend.Socket.recv
-_MORE = int(zmq.SNDMORE | zmq.NOBLOCK)
-_NOBLOCK = int(zmq.NOBLOCK)
-# Whether a message waits is asked with ZMQ_EVENTS, not found out by a recv that fails: pyzmq
-# builds an Again exception (strerror and all) for every EAGAIN, 8.7 us against 2.4 us for the
-# check, and a lone command met two of them per pass (W3).
-_get_option = zmq.backend.Socket.get
-_EVENTS = int(zmq.EVENTS)
-_POLLIN = int(zmq.POLLIN)
 # Reply frames this large go to ZeroMQ without a copy (pyzmq keeps the bytes alive until
 # ZeroMQ is done with them): wire.py, "Zero copy".
 ZERO_COPY_BYTES = wire.ZERO_COPY_BYTES
@@ -195,7 +183,7 @@ class ShardServer:
         """Notes the peer disconnects the socket monitor reported (rule 3)."""
         monitor = self._monitor
         self.monitor_due = time.monotonic() + MONITOR_S
-        while monitor is not None and _get_option(monitor, _EVENTS) & _POLLIN:
+        while monitor is not None and message_waiting(monitor):
             event = recv_monitor_message(monitor, zmq.NOBLOCK)
             if event["event"] == zmq.EVENT_DISCONNECTED:
                 self.disconnected_s = time.monotonic()
@@ -250,16 +238,16 @@ class ShardServer:
         # costs CPU on both sides (W3). With "always", pushes are answered and polls woken
         # only after the pass's fsync.
         taken = 0
-        while taken < MAX_BATCH and _get_option(sock, _EVENTS) & _POLLIN:
+        while taken < MAX_BATCH and message_waiting(sock):
             try:
-                identity = _recv_frame(sock, _NOBLOCK, False)
+                identity = recv_frame(sock, NOBLOCK, False)
             except zmq.Again:
                 return taken
             # ROUTER: [identity, request, request, ...] (wire.py: one frame per request)
             frames = [identity.bytes]
             frame = identity
             while frame.more:
-                frame = _recv_frame(sock, _NOBLOCK, False)
+                frame = recv_frame(sock, NOBLOCK, False)
                 frames.append(frame.bytes)
             handle(frames)
             if (self.outbox_bytes >= STREAM_REPLY_BYTES
@@ -361,13 +349,13 @@ class ShardServer:
         sock = self.socket
         for identity, frames in outbox.items():
             try:
-                _send_frame(sock, identity, _MORE)
+                send_frame(sock, identity, MORE)
                 last = len(frames) - 1
                 for i in range(last):
                     frame = frames[i]
-                    _send_frame(sock, frame, _MORE, len(frame) < ZERO_COPY_BYTES)
+                    send_frame(sock, frame, MORE, len(frame) < ZERO_COPY_BYTES)
                 frame = frames[last]
-                _send_frame(sock, frame, _NOBLOCK, len(frame) < ZERO_COPY_BYTES)
+                send_frame(sock, frame, NOBLOCK, len(frame) < ZERO_COPY_BYTES)
             except zmq.Again:
                 # The frontend is gone or not reading; its requests will be failed there.
                 log.warning("reply dropped: frontend %r not reachable", identity)
