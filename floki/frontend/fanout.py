@@ -104,8 +104,9 @@ def _info_queues(request: rq.InfoQueues, parts: list[Part], frontend: FrontendFa
 
 def _config_get_server(request: rq.ConfigGetServer, parts: list[Part], frontend: FrontendFacts,
                        protover: int) -> bytes:
-    answered = {index: obj for index, (status, payload) in enumerate(parts)
-                if status == wire.JSON for obj in _objects([(status, payload)])}
+    # _objects keeps the JSON parts in shard order: pair them with their shards' indexes
+    answered = dict(zip([i for i, (status, _) in enumerate(parts) if status == wire.JSON],
+                        _objects(parts)))
     if not answered:
         return parts[0][1]
     configs = list(answered.values())
