@@ -389,3 +389,13 @@ def test_repeat_runs_take_turns_and_the_table_shows_medians(tmp_path, monkeypatc
     assert document["results"]["w1_produce"]["redis"]["msgs_per_s"] == 5.0
     assert len(document["runs"]["w1_produce"]["floki"]) == 3
     assert document["rows"][0]["ratio"] == 4.0
+
+
+def test_per_command_table_adds_up_the_threads_and_hides_the_idle_ones():
+    from bench.percommand import Probe, format_table
+    probe = Probe("push one", "floki", 10, 400.0, 40.0,
+                  {"frontend/python": 180.0, "shard-0/python": 160.0, "shard-1/python": 0.4})
+    assert probe.server_us == 340.4
+    lines = format_table([probe]).splitlines()
+    assert lines[1].split() == ["push", "one", "floki", "400", "340", "40"]
+    assert lines[2].strip() == "frontend/python 180, shard-0/python 160"
