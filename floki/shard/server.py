@@ -68,7 +68,7 @@ MAX_PASS_S = 0.05           # work per pass before replies are sent (see _take_b
 # quarter second (3 s of W4 produce's 5.5 s).
 SYNC_AHEAD_BYTES = 8 * 1024 * 1024
 STREAM_REPLY_BYTES = 64 * 1024  # replies held in a pass before they are sent (_take_batch)
-STREAM_REPLY_S = 0.002          # ... or time since the last send
+STREAM_REPLY_S = 0.0005         # ... or time since the last send (bench/README item 29)
 MONITOR_S = 0.05                # peer disconnects are read at least this often (rule 3)
 # Stale deadline entries (answered or cancelled polls) tolerated beyond twice the parked ones
 DEADLINE_SLACK = 64
