@@ -23,7 +23,14 @@ import tomli
 _SIZE_UNITS = {"": 1, "b": 1, "k": 1024, "kb": 1024, "m": 1024**2, "mb": 1024**2,
                "g": 1024**3, "gb": 1024**3}
 _DURATION_UNITS = {"": 1.0, "ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
-_NUMBER_WITH_UNIT = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
+# ASCII digits only: `\d` and str.isdigit() also take other scripts' digits and "²", which
+# int() refuses.
+_NUMBER_WITH_UNIT = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*$", re.ASCII)
+_INTEGER = re.compile(r"^\s*-?[0-9]{1,20}\s*$", re.ASCII)   # int() refuses > 4300 digits
+# Bounds that keep every value finite and storable (queue.json, CONFIG GET's JSON): a number of
+# 400 digits parses to float infinity.
+MAX_SIZE = 2**63 - 1
+MAX_DURATION_S = 100 * 365 * 86400.0
 
 
 class ConfigError(ValueError):
@@ -40,15 +47,18 @@ def parse_size(key: str, value: Any) -> int:
     if isinstance(value, bool):
         raise ConfigError(key, value, expected)
     if isinstance(value, int):
-        if value < 0:
-            raise ConfigError(key, value, expected)
+        if not 0 <= value <= MAX_SIZE:
+            raise ConfigError(key, value, expected if value < 0 else f"at most {MAX_SIZE} bytes")
         return value
     if not isinstance(value, str):
         raise ConfigError(key, value, expected)
     m = _NUMBER_WITH_UNIT.match(value)
     if not m or m.group(2).lower() not in _SIZE_UNITS:
         raise ConfigError(key, value, expected)
-    return int(float(m.group(1)) * _SIZE_UNITS[m.group(2).lower()])
+    size = float(m.group(1)) * _SIZE_UNITS[m.group(2).lower()]
+    if not size <= MAX_SIZE:                       # also inf
+        raise ConfigError(key, value, f"at most {MAX_SIZE} bytes")
+    return int(size)
 
 
 def parse_duration(key: str, value: Any) -> float:
@@ -57,24 +67,27 @@ def parse_duration(key: str, value: Any) -> float:
     if isinstance(value, bool):
         raise ConfigError(key, value, expected)
     if isinstance(value, (int, float)):
-        if value < 0:
+        seconds = float(value)
+    elif isinstance(value, str):
+        m = _NUMBER_WITH_UNIT.match(value)
+        if not m or m.group(2).lower() not in _DURATION_UNITS:
             raise ConfigError(key, value, expected)
-        return float(value)
-    if not isinstance(value, str):
+        seconds = float(m.group(1)) * _DURATION_UNITS[m.group(2).lower()]
+    else:
         raise ConfigError(key, value, expected)
-    m = _NUMBER_WITH_UNIT.match(value)
-    if not m or m.group(2).lower() not in _DURATION_UNITS:
-        raise ConfigError(key, value, expected)
-    return float(m.group(1)) * _DURATION_UNITS[m.group(2).lower()]
+    if not 0 <= seconds <= MAX_DURATION_S:         # also nan and inf
+        raise ConfigError(key, value, expected if seconds < 0 or seconds != seconds
+                          else f"at most {MAX_DURATION_S:.0f} s (100 years)")
+    return seconds
 
 
 def _parse_int(low: int, high: int | None = None) -> Callable[[str, Any], int]:
     def parse(key: str, value: Any) -> int:
-        expected = f"an integer >= {low}" + (f" and <= {high}" if high is not None else "")
-        if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        expected = f"an integer >= {low} and <= {MAX_SIZE if high is None else high}"
+        if isinstance(value, str) and _INTEGER.match(value):
             value = int(value)
         if isinstance(value, bool) or not isinstance(value, int) or value < low or (
-                high is not None and value > high):
+                value > (MAX_SIZE if high is None else high)):
             raise ConfigError(key, value, expected)
         return value
     return parse

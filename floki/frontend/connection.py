@@ -311,6 +311,10 @@ class Connection(asyncio.Protocol):
                     cancel(slot.request_id)
                 elif slot.fanout is not None:
                     fan = slot.fanout
+                    if type(fan.request) is ConfigSetServer:
+                        # The shards apply it whoever is left to hear: the frontend must still
+                        # apply it (or set it back) once they answered (fanout.py rule 4).
+                        continue
                     for request_id, part in zip(fan.request_ids, fan.parts):
                         if part is None:
                             cancel(request_id)

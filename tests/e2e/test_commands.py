@@ -192,6 +192,18 @@ def test_info_and_config(r):
     assert json.loads(cmd(r, "CONFIG", "GET", "server")[0])["max_get_count"] == 5
     assert cmd(r, "CONFIG", "SET", "server.max_connections", "500")   # a frontend-only key
     assert json.loads(cmd(r, "CONFIG", "GET", "server")[0])["max_connections"] == 500
+    # Values that once got "internal error" (a ValueError past the config parser) or +OK with
+    # an infinite value that then broke queue creation and CONFIG GET's JSON: all refused.
+    huge = "9" * 400
+    for key, value in [("server.max_get_count", "\u00b2"), ("server.max_connections", "--1"),
+                       ("server.queue.max_in_flight", "9" * 5000),
+                       ("queues.alpha.max_in_flight", "\u00b2"),
+                       ("server.max_message_size", huge), ("queues.alpha.segment_size", huge),
+                       ("server.fsync_interval", huge), ("server.queue.message_timeout", huge),
+                       ("queues.alpha.message_timeout", huge)]:
+        assert error_of(r, "CONFIG", "SET", key, value).startswith("IPA"), key
+    json.loads(cmd(r, "CONFIG", "GET", "server")[0], parse_constant=pytest.fail)
+    assert cmd(r, "SET", "created-after", "c")
 
 
 def test_housekeeping_commands(server):

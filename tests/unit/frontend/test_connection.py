@@ -479,6 +479,22 @@ def test_connection_lost_cancels_requests_still_at_the_shards():
     client.settle()                                      # a flush scheduled before: harmless
 
 
+def test_a_config_set_whose_client_left_still_applies_to_the_frontend():
+    """Found by a hostile-client hunt: CONFIG SET server.max_message_size then a reset left
+    the shards (and CONFIG GET) at the new value and the frontend at the old one."""
+    client = Client(config=ServerConfig(max_get_count=100))
+    client.send(resp(b"CONFIG", b"SET", b"server.max_get_count", b"5")
+                + resp(b"INFO", b"queues"))
+    client.conn.connection_lost(None)
+    config_ids, info_ids = client.router.ids_for(b"CONFIG"), client.router.ids_for(b"INFO")
+    assert sorted(client.router.cancelled) == sorted(info_ids)
+    for rid in config_ids:
+        client.router.answer(rid, b'{"ok":true}', wire.JSON)
+    client.settle()
+    assert client.frontend.limits.max_get_count == 5
+    assert client.transport.output == b""                   # nobody to answer
+
+
 def test_max_connections_refuses_one_more():
     router, loop = FakeRouter(), MockLoop()
     frontend = Frontend(ServerConfig(max_connections=2), router, loop)
