@@ -101,13 +101,18 @@ def test_huge_count_is_refused_not_hung(r):
     assert cmd(r, "HMGET", "q", "c", 0) == []
 
 
-def test_many_arguments_have_no_cap(r):
+def test_one_rpush_or_hdel_carries_up_to_100000_and_no_more(r):
     cmd(r, "SET", "q", "c")
     bodies = [f"m{i}" for i in range(2000)]
     assert cmd(r, "RPUSH", "q", *bodies) == 2000
     got = cmd(r, "HMGET", "q", "c", 2000)
     assert [m[2].decode() for m in got] == bodies
     assert cmd(r, "HDEL", "q", "c", *[m[1] for m in got]) == 2000
+    # commands.py rule 4: refused whole, before the shard spends time on it
+    assert error_of(r, "RPUSH", "q", *[b"x"] * 100_001).startswith("IPA Too many messages")
+    assert error_of(r, "HDEL", "q", "c", *[b"1"] * 100_001).startswith("IPA Too many tickets")
+    assert cmd(r, "RPUSH", "q", *[b"x"] * 100_000) == 100_000
+    assert info_queues(r, "q")["q"]["head"] == 102_001          # the next id
 
 
 def test_binary_bodies_round_trip(r):

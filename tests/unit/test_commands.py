@@ -105,3 +105,16 @@ def test_every_request_type_is_produced_by_the_table():
         "QUIT", "SELECT 0", "AUTH pw", "HELLO", "CLIENT ID", "COMMAND")}
     assert produced == set(rq.SHARD_REQUESTS + rq.FANOUT_REQUESTS + rq.FRONTEND_REQUESTS)
     assert all(name == name.upper() for name in COMMANDS)
+
+
+def test_rpush_and_hdel_carry_at_most_max_batch_each():
+    # commands.py rule 4: a command a shard runs whole stays well below shard_timeout.
+    from floki.commands import MAX_BATCH
+    bodies = [b"x"] * MAX_BATCH
+    assert len(parse([b"RPUSH", b"q", *bodies], Limits()).bodies) == MAX_BATCH
+    with pytest.raises(InvalidParameter, match="Too many messages in one RPUSH"):
+        parse([b"RPUSH", b"q", *bodies, b"x"], Limits())
+    tickets = [b"7"] * MAX_BATCH
+    assert len(parse([b"HDEL", b"q", b"c", *tickets], Limits()).tickets) == MAX_BATCH
+    with pytest.raises(InvalidParameter, match="Too many tickets in one HDEL"):
+        parse([b"HDEL", b"q", b"c", *tickets, b"7"], Limits())
