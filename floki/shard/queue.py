@@ -700,6 +700,7 @@ class Queue:
         soft_period_ms = s.retention_period * 1000
         needed_from = min((ch.oldest_unacked() for ch in self._channels.values()), default=None)
         removed = []
+        hard_end = 0          # end of what hard retention removed: only it drops unread ids
         for segment in wal.segments():
             if segment.active:
                 break
@@ -716,14 +717,20 @@ class Queue:
                     break
             wal.remove_oldest_segment(release)
             removed.append(segment)
+            if hard:
+                hard_end = segment.end_id
             log.info("queue %r: %s retention removed ids %d..%d", self.name,
                      "hard" if hard else "soft", segment.first_id, segment.end_id - 1)
         if removed:
             first_id = wal.first_id
             for ch in self._channels.values():
-                if ch.oldest_unacked() < first_id:
-                    log.warning("queue %r channel %r: hard retention removed unacked messages "
-                                "below id %d", self.name, ch.name, first_id)
+                oldest = ch.oldest_unacked()
+                if oldest < first_id:
+                    # Soft retention removes only what every channel acked, so a channel
+                    # behind first_id after it stands in a crash's id gap: nothing was lost.
+                    if oldest < hard_end:
+                        log.warning("queue %r channel %r: hard retention removed unacked "
+                                    "messages below id %d", self.name, ch.name, hard_end)
                     ch.skip_to(first_id)
                     self._dirty = True
 

@@ -471,7 +471,7 @@ def test_soft_retention_size_keeps_consumed_data_while_total_fits(tmp_path):
     q.close()
 
 
-def test_hard_retention_period_removes_unread_data_and_channels_skip(tmp_path):
+def test_hard_retention_period_removes_unread_data_and_channels_skip(tmp_path, caplog):
     q = retention_queue(tmp_path, hard_retention_period=3600.0, message_timeout=10.0)
     q.create_channel("c")
     segs = fill_segments(q, 2, step_ms=1_000_000)
@@ -481,6 +481,7 @@ def test_hard_retention_period_removes_unread_data_and_channels_skip(tmp_path):
     assert len(q._wal.segments()) == 3                  # age == period: kept
     q.maintenance(0.0, segs[0].newest_timestamp_ms + 3_600_001, False)
     assert q._wal.segments()[0].first_id == segs[1].first_id
+    assert f"hard retention removed unacked messages below id {segs[1].first_id}" in caplog.text
     assert q.ack("c", [ticket], 1.0) == 0               # the removed delivery is gone
     items = q.get("c", 1, 100.0)                        # continues at the oldest remaining
     assert ids_of(items) == [segs[1].first_id]

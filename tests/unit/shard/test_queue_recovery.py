@@ -428,3 +428,27 @@ def test_info_backlog_after_a_crash_counts_messages_not_the_skipped_ids(tmp_path
     assert info["backlog"] == 5               # 3 before the crash + 2 after, not the gap
     assert q.stats()["channels"]["c"]["backlog"] == 5
     q.close()
+
+
+def test_soft_retention_over_a_crash_gap_warns_of_no_loss(tmp_path, caplog):
+    """Found by a crash hunt: removing a consumed segment followed by a crash's id gap moved
+    the channel over the gap and logged "hard retention removed unacked messages"."""
+    settings = QueueSettings(segment_size=1)            # every push batch seals its segment
+    q = Queue.create(tmp_path, "gap", settings, "interval")
+    q.create_channel("c")
+    q.push([b"a", b"b"], T0_MS)
+    got = q.get("c", 10, 0.0)
+    assert q.ack("c", [ticket for _, ticket, _ in got], 0.0) == 2
+    q.checkpoint()                                       # consumed: the cursor is at 3
+    crash(q)
+    q = Queue.open(tmp_path, "gap", settings, "interval")
+    first, _ = q.push([b"c"], T0_MS + 1)
+    assert first > 3                                     # the gap
+    q.push([b"d"], T0_MS + 2)                            # c's segment is sealed too
+    with caplog.at_level(logging.INFO, logger="floki.shard.queue"):
+        q.maintenance(0.0, T0_MS + 3, False)
+    assert q.info(0.0)["tail"] >= first                  # a and b's segment was removed
+    assert "soft retention removed" in caplog.text
+    assert "unacked" not in caplog.text
+    assert [body for _, _, body in q.get("c", 10, 0.0)] == [b"c", b"d"]
+    q.close()
