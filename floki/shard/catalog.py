@@ -7,10 +7,15 @@ Rules:
   2. A queue that fails to open (damaged beyond repair, locked by another process) is logged and
      listed in `broken`; the shard keeps serving every other queue.
   3. Names are validated before they reach a path (floki.names).
+  4. At start a shard removes the `.deleting-<queue>-<token>` directories of the queues it
+     owns: a queue is renamed there before its files go (Queue.delete, floki rebalance), so one
+     left by a crash is garbage, never a queue.
 """
 from __future__ import annotations
 
 import logging
+import os
+import shutil
 from pathlib import Path
 from typing import Iterator
 
@@ -50,6 +55,23 @@ class Catalog:
                 self.broken[name] = str(exc)
         log.info("shard %d: %d queues open, %d broken", self.index, len(self.queues),
                  len(self.broken))
+        self._remove_deleted_leftovers()
+
+    def _remove_deleted_leftovers(self) -> None:
+        """Rule 4. The owner of a name removes it, so two shards never race over one."""
+        try:
+            entries = os.listdir(self.data_dir)
+        except OSError as exc:
+            log.warning("could not list %s for leftovers of deleted queues: %s",
+                        self.data_dir, exc)
+            return
+        for entry in entries:
+            if not entry.startswith(files.DELETING_PREFIX):
+                continue
+            name = entry[len(files.DELETING_PREFIX):].rpartition("-")[0]
+            if name and self.owns(name):
+                shutil.rmtree(self.data_dir / entry, ignore_errors=True)
+                log.info("removed %s: what a crash left of deleting queue %r", entry, name)
 
     def get(self, name: str) -> Queue:
         """Returns the open queue. Raises QueueNotFound."""

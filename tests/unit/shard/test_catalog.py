@@ -72,6 +72,23 @@ def test_open_all_opens_exactly_the_queues_routing_gives_this_shard(tmp_path, ca
     assert shard1.get(any_name).info(0.0)["head"] == 3
 
 
+def test_open_all_removes_what_a_crash_left_of_its_own_deleted_queues(tmp_path, catalogs):
+    # A kill -9 between Queue.delete's rename and its rmtree left these (found by a crash
+    # hunt): only `floki check --repair` removed them.
+    mine, theirs = [n for n in NAMES if shard_for(n, 2) == 0][0], \
+        [n for n in NAMES if shard_for(n, 2) == 1][0]
+    for name in (mine, theirs):
+        leftover = tmp_path / f"{files.DELETING_PREFIX}{name}-0a1b2c3d"
+        leftover.mkdir()
+        (leftover / "00000000000000000001.log").write_bytes(b"x" * 100)
+    make_queue(tmp_path, "kept-queue", messages=1)
+    catalog = opened(catalogs, new_catalog(tmp_path, 0, 2))
+    assert not (tmp_path / f"{files.DELETING_PREFIX}{mine}-0a1b2c3d").exists()
+    assert (tmp_path / f"{files.DELETING_PREFIX}{theirs}-0a1b2c3d").exists()   # shard 1's
+    assert (tmp_path / "kept-queue").is_dir()
+    assert sorted(catalog.queues) == sorted(n for n in ["kept-queue"] if shard_for(n, 2) == 0)
+
+
 def test_open_all_after_the_shard_count_changes_reassigns_queues(tmp_path, catalogs):
     for name in NAMES:
         make_queue(tmp_path, name)
