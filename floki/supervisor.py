@@ -7,7 +7,7 @@ Rules (gunicorn's arbiter core, small):
      dispatches it to `handle_<name>`, reaps, and restarts what is due. Nothing else runs in a
      handler, so nothing can be interrupted half-way.
   2. Every death is logged with its cause. A dead child is restarted after a backoff delay that
-     doubles per quick death (0.1 s .. 5 s) and resets once a child has stayed up 10 s.
+     doubles per quick death (0.1 s .. 1 s) and resets once a child has stayed up 10 s.
   3. A child exiting with ExitCode.BOOT_ERROR cannot be fixed by a restart (bad config): the
      supervisor stops everything and exits with that code instead of restart-looping.
   4. Stop: SIGTERM the frontend first (it stops accepting and finishes its replies while the
