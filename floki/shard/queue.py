@@ -21,7 +21,10 @@ Rules:
   4. Retention removes whole segments, oldest first, stopping at the first one kept, never the
      active one. Soft retention never removes what a channel still needs; a queue with no
      channels keeps everything (nobody has consumed it). Hard retention ignores channels.
-  5. Bodies are read from the Wal for one reply and never kept.
+  5. Bodies are read from the Wal for one reply and never kept. A get stops adding messages
+     once their bodies reach MAX_GET_BYTES (it always holds at least one), so one reply's
+     memory is bounded whatever count and message sizes it meets; redeliveries left out stay
+     due, before anything new.
   6. One process per queue: LOCK is flock'ed exclusively (non-blocking) for the Queue's life.
   7. channels.json also stores the log's durable position (wal.py rule 8), written only after
      the fsync it describes; it is refreshed with every checkpoint and whenever it lags the
@@ -68,6 +71,8 @@ PREVIOUS_GENERATION_ID_MARGIN = 3 * max(ID_BLOCK, MAX_BATCH_IDS)
 # channels.json is rewritten when the durable log position moved this far since the stored
 # one: the most a restart after a crash re-checks record by record beyond the last fsync.
 POSITION_CHECKPOINT_BYTES = 4 << 20
+# The bodies one get returns at most, by the index (rule 5); at least one message always.
+MAX_GET_BYTES = 64 << 20
 
 
 class QueueLocked(Exception):
@@ -427,14 +432,18 @@ class Queue:
         cap = self.settings.max_in_flight
         timeout_s = self.settings.message_timeout
         out: list[tuple[int, int, bytes]] = []
+        unread: set[int] = set()
         due = ch.take_due(now, count, cap)
         if due:
             self._dirty = True
             try:
-                bodies = self._read_ids(due)
+                bodies, unread = self._read_ids(due, MAX_GET_BYTES)
             except BaseException:
                 ch.return_due(due)          # an I/O error must not lose the redeliveries
                 raise
+            if unread:                      # past the reply's byte budget: due again
+                ch.return_due(unread)
+                due = [id_ for id_ in due if id_ not in unread]
             kept = [id_ for id_ in due if id_ in bodies]
             if len(kept) < len(due):
                 log.warning("queue %r channel %r: %d redelivery(ies) dropped: message removed "
@@ -444,29 +453,39 @@ class Queue:
             out.extend((id_, t, bodies[id_]) for id_, t in zip(kept, tickets))
         room = min(count - len(out), cap - ch.in_flight_count)
         stop = self._readable_end()
-        if room > 0 and ch.next_id < stop:
+        budget = MAX_GET_BYTES - sum(len(body) for _, _, body in out)
+        if room > 0 and ch.next_id < stop and not unread and (budget > 0 or not out):
             self._dirty = True
-            records = wal.read(ch.next_id, room, stop)
+            records, scanned_to = wal.read_within(ch.next_id, room, stop, budget)
             tickets = ch.hand_out(list(map(itemgetter(0), records)), now, timeout_s)
             out.extend([(id_, t, body) for (id_, body), t in zip(records, tickets)])
-            if len(records) < room:
-                # wal.read scanned everything below `stop`: the ids it did not return are
-                # removed, missing or corrupt, and are never served; don't rescan them.
-                ch.advance_to(stop)
+            # The ids below scanned_to that read_within did not return are removed, missing
+            # or corrupt, and are never served: don't rescan them.
+            ch.advance_to(scanned_to)
         ch.messages_delivered += len(out)
         return out
 
-    def _read_ids(self, ids: Sequence[int]) -> dict[int, bytes]:
-        """Returns {id: body} for the ids still readable, one wal.read per run of ids."""
+    def _read_ids(self, ids: Sequence[int], max_bytes: int) -> tuple[dict[int, bytes], set[int]]:
+        """Returns ({id: body} for the ids still readable, the ids left unread because the
+        bodies read reached `max_bytes`), one read per run of ids, in id order; the first id
+        is always read."""
         found: dict[int, bytes] = {}
         ordered = sorted(ids)
+        wal = self._live_wal()
+        budget = max_bytes
         start = 0
         for k in range(1, len(ordered) + 1):
             if k == len(ordered) or ordered[k] != ordered[k - 1] + 1:
                 first, last = ordered[start], ordered[k - 1]
-                found.update(self._live_wal().read(first, last - first + 1, last + 1))
+                if budget <= 0 and found:
+                    return found, {i for i in ordered[start:] if i not in found}
+                pairs, scanned_to = wal.read_within(first, last - first + 1, last + 1, budget)
+                found.update(pairs)
+                budget -= sum(len(body) for _, body in pairs)
+                if scanned_to <= last:
+                    return found, {i for i in ordered[start:] if i >= scanned_to}
                 start = k
-        return found
+        return found, set()
 
     def _readable_end(self) -> int:
         """One past the highest id a consumer may see (rule 3)."""

@@ -33,6 +33,7 @@ from __future__ import annotations
 import logging
 import os
 import struct
+from bisect import bisect_right
 import sys
 from array import array
 from pathlib import Path
@@ -813,6 +814,29 @@ class Segment:
             if offsets[k] != NO_RECORD:
                 return offsets[k]
         return self.data_end
+
+    def span_within(self, from_id: int, count: int, budget: int,
+                    at_least_one: bool) -> tuple[int, int]:
+        """Returns (n, span): how many of the ids [from_id, from_id + count) read as a prefix
+        stay within `budget` bytes of records by the index (at least 1 if `at_least_one`), and
+        those bytes.
+
+        The index is a hint (rule 8): an unreadable entry (NO_RECORD, far above data_end) only
+        makes the prefix shorter; `span` is an estimate the caller's budget tolerates."""
+        offsets = self.offsets
+        i = from_id - self.first_id
+        stop = min(i + count, len(offsets))
+        start = offsets[i]
+        end = offsets[stop] if stop < len(offsets) else self.data_end
+        if start <= end and end - start <= budget:
+            return stop - i, end - start                # the usual get: all of it fits
+        if start == NO_RECORD:
+            return 1, 0
+        # offsets[k] <= start + budget: the records i .. k-1 end within the budget
+        k = bisect_right(offsets, start + budget, i + 1, stop) - 1
+        n = max(k - i, 1 if at_least_one else 0)
+        after = offsets[i + n] if i + n < len(offsets) else self.data_end
+        return n, max(after - start, 0)
 
     def read(self, from_id: int, count: int, out: list) -> list[int]:
         """Appends (id, body) for the readable ids in [from_id, from_id + count) to `out`. A

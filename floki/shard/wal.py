@@ -470,10 +470,19 @@ class Wal:
         next_id), in id order; an older from_id starts at first_id. Removed, missing and
         corrupt ids are skipped (corrupt ones counted in corrupt_records).
         Raises StorageIOError."""
+        return self.read_within(from_id, max_count, end_id)[0]
+
+    def read_within(self, from_id: int, max_count: int, end_id: int | None = None,
+                    max_bytes: int | None = None) -> tuple[list[tuple[int, bytes]], int]:
+        """read(), stopping once the records read add up to `max_bytes` (by the index; the
+        first id is always read). Returns (pairs, scanned_to): every id below scanned_to from
+        from_id on was returned or is removed, missing or corrupt.
+        Raises StorageIOError."""
         self._check_open()
         stop = self.next_id if end_id is None else min(end_id, self.next_id)
         pos = max(from_id, self.first_id)
         out: list[tuple[int, bytes]] = []
+        budget = max_bytes
         k = self._position(pos)
         try:
             while pos < stop and len(out) < max_count and k < len(self._segments):
@@ -482,14 +491,23 @@ class Wal:
                 segment_stop = min(stop, segment.end_id)
                 if pos < segment_stop:
                     count = min(segment_stop - pos, max_count - len(out))
+                    if budget is not None:
+                        count, span = segment.span_within(pos, count, max(budget, 0),
+                                                          not out)
+                        if count == 0:
+                            break
+                        budget -= span
                     self.corrupt_records += len(segment.read(pos, count, out))
                     pos += count
                     if pos < segment_stop:
                         continue
                 k += 1
+            else:
+                if k >= len(self._segments):
+                    pos = stop          # past the last segment: ids no segment holds (lost)
         except OSError as exc:
             raise files.storage_error(exc, "read") from exc
-        return out
+        return out, max(from_id, min(pos, stop))
 
     def read_one(self, id: int) -> bytes | None:
         """Returns the body of `id`; None when removed by retention, not yet written, or corrupt.

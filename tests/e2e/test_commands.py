@@ -115,6 +115,20 @@ def test_one_rpush_or_hdel_carries_up_to_100000_and_no_more(r):
     assert info_queues(r, "q")["q"]["head"] == 102_001          # the next id
 
 
+def test_a_get_reply_stops_at_64_mib_of_bodies(r):
+    # queue.py rule 5: one reply's memory is bounded whatever the count and the sizes
+    cmd(r, "SET", "big", "c")
+    mib = 1024**2
+    bodies = [bytes([65 + i % 26]) * mib for i in range(66)]
+    for i in range(0, 66, 6):
+        assert cmd(r, "RPUSH", "big", *bodies[i:i + 6]) == 6
+    first = cmd(r, "HMGET", "big", "c", 100)
+    assert 1 <= len(first) < 66 and sum(len(m[2]) for m in first) <= 64 * mib
+    rest = cmd(r, "HMGET", "big", "c", 100)
+    assert [m[2] for m in first + rest] == bodies
+    assert cmd(r, "HDEL", "big", "c", *[m[1] for m in first + rest]) == 66
+
+
 def test_binary_bodies_round_trip(r):
     cmd(r, "SET", "q", "c")
     bodies = [bytes(range(256)), b"", b"\r\n*1\r\n$3\r\nfoo\r\n", b"\x00" * 1000]

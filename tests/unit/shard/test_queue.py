@@ -259,7 +259,7 @@ def test_an_io_error_while_reading_redeliveries_loses_none_of_them(queue, monkey
     def failing_read(*args, **kwargs):
         raise StorageIOError("I/O error (read: test)")
     with monkeypatch.context() as m:
-        m.setattr(queue._wal, "read", failing_read)
+        m.setattr(queue._wal, "read_within", failing_read)
         with pytest.raises(StorageIOError):
             queue.get("c", 10, 50.0)
     assert ids_of(queue.get("c", 10, 50.0)) == [1, 2, 3]
@@ -587,3 +587,59 @@ def test_ids_of_a_new_queue_after_a_restart(tmp_path, stop):
     # a crash may leave a gap (never a reuse): ids go on above the reserved block
     assert first == (1 if stop == "clean" else ID_BLOCK + 1)
     reopened.close()
+
+
+# --- a get's byte budget (rule 5) ---------------------------------------------------------------
+
+def test_a_get_stops_at_the_byte_budget_and_always_returns_one(queue, monkeypatch):
+    from floki.shard import queue as queue_module
+    monkeypatch.setattr(queue_module, "MAX_GET_BYTES", 1000)
+    queue.create_channel("c")
+    bodies = [bytes([65 + i]) * 300 for i in range(7)]
+    queue.push(bodies, 0)
+    queue.push([b"z" * 5000], 0)                      # alone over the budget
+    got = []
+    sizes = []
+    while True:
+        batch = queue.get("c", 100, 1.0)
+        if not batch:
+            break
+        sizes.append(len(batch))
+        got += batch
+    assert [body for _, _, body in got] == bodies + [b"z" * 5000]
+    assert sizes == [3, 3, 1, 1]                      # 3 x (300 B + header) fit in 1,000 B
+    assert queue.ack("c", [t for _, t, _ in got], 2.0) == 8
+
+
+def test_redeliveries_past_the_budget_stay_due_before_new_messages(queue, monkeypatch):
+    from floki.shard import queue as queue_module
+    queue.create_channel("c")
+    queue.push([bytes([65 + i]) * 300 for i in range(6)], 0)
+    first = queue.get("c", 100, 0.0)                  # all six in flight
+    assert len(first) == 6
+    queue.push([b"new"], 0)
+    monkeypatch.setattr(queue_module, "MAX_GET_BYTES", 1000)
+    later = 11.0                                      # past message_timeout (10 s)
+    a = queue.get("c", 100, later)
+    b = queue.get("c", 100, later)
+    c = queue.get("c", 100, later)
+    assert [i for i, _, _ in a] == [1, 2, 3]          # 3 x (300 B + header) fit in 1,000 B
+    assert [i for i, _, _ in b] == [4, 5, 6, 7]       # the rest of the due ones, then new
+    assert c == []
+    assert queue.ack("c", [t for _, t, _ in a + b], later) == 7
+    assert queue.ack("c", [t for _, t, _ in first], later) == 0   # their tickets died
+
+
+def test_read_within_reports_how_far_it_scanned(tmp_path):
+    q = new_queue(tmp_path)
+    q.push([b"x" * 100] * 10, 0)
+    wal = q._wal
+    pairs, scanned_to = wal.read_within(1, 10, None, 300)
+    assert [i for i, _ in pairs] == [1, 2] and scanned_to == 3
+    pairs, scanned_to = wal.read_within(1, 4)
+    assert [i for i, _ in pairs] == [1, 2, 3, 4] and scanned_to == 5
+    pairs, scanned_to = wal.read_within(9, 100)
+    assert [i for i, _ in pairs] == [9, 10] and scanned_to == 11
+    pairs, scanned_to = wal.read_within(5, 10, None, 1)      # one, whatever the budget
+    assert [i for i, _ in pairs] == [5] and scanned_to == 6
+    q.close()
