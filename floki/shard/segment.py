@@ -33,9 +33,9 @@ from __future__ import annotations
 import logging
 import os
 import struct
-from bisect import bisect_right
 import sys
 from array import array
+from bisect import bisect_right
 from pathlib import Path
 from typing import Callable
 
