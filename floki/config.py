@@ -343,12 +343,16 @@ def load_config(path: str | os.PathLike | None) -> ServerConfig:
 RUN_DIR_NAME = ".run"
 
 
+def runtime_dir(config: ServerConfig) -> Path:
+    """Returns `<data_dir>/.run`, absolute (a name starting with "." is never a queue)."""
+    return Path(config.data_dir).resolve() / RUN_DIR_NAME
+
+
 def shard_endpoint(config: ServerConfig, index: int) -> str:
     """Returns the ZeroMQ endpoint shard `index` binds and the frontend connects to.
 
-    Default: an ipc:// socket under `<data_dir>/.run/` (a name starting with "." is never a queue).
+    Default: an ipc:// socket under `<data_dir>/.run/` (runtime_dir).
     """
     if config.shard_endpoints:
         return config.shard_endpoints[index]
-    run_dir = Path(config.data_dir).resolve() / RUN_DIR_NAME
-    return f"ipc://{run_dir}/shard-{index}.ipc"
+    return f"ipc://{runtime_dir(config)}/shard-{index}.ipc"

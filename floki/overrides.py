@@ -30,7 +30,7 @@ import os
 from pathlib import Path
 from typing import Mapping
 
-from floki.config import RUN_DIR_NAME, ConfigError, ServerConfig
+from floki.config import ConfigError, ServerConfig, runtime_dir
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ class Overrides:
     def for_process(cls, config: ServerConfig, process: str,
                     environ: Mapping[str, str] = os.environ) -> "Overrides":
         """Returns the overrides of `process` ("shard-N", "frontend") in this run."""
-        path = Path(config.data_dir).resolve() / RUN_DIR_NAME / f"{process}.overrides.json"
+        path = runtime_dir(config) / f"{process}.overrides.json"
         return cls(path, environ.get(RUN_ID_ENV) or None)
 
     def load(self) -> dict[str, str]:

@@ -38,7 +38,7 @@ from typing import Callable, Sequence
 
 import psutil
 
-from floki.config import RUN_DIR_NAME, ServerConfig
+from floki.config import ServerConfig, runtime_dir
 from floki.overrides import RUN_ID_ENV
 
 log = logging.getLogger(__name__)
@@ -283,8 +283,7 @@ class Supervisor:
     @classmethod
     def from_config(cls, config: ServerConfig, common: Sequence[str]) -> "Supervisor":
         """Returns a supervisor for `config`'s full set of processes (see child_specs)."""
-        run_dir = Path(config.data_dir).resolve() / RUN_DIR_NAME
-        return cls(run_dir, child_specs(config.shard_count, common, config.bind))
+        return cls(runtime_dir(config), child_specs(config.shard_count, common, config.bind))
 
     @property
     def state_path(self) -> Path:

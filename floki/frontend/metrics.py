@@ -54,11 +54,11 @@ from typing import Any, Iterable
 
 from floki import wire
 from floki.commands import COMMANDS
-from floki.config import ServerConfig
+from floki.config import ServerConfig, runtime_dir
 from floki.frontend import access
 from floki.frontend.router import ShardState
 from floki.histogram import Histogram
-from floki.supervisor import RUN_DIR_NAME, STATE_FILE_NAME
+from floki.supervisor import STATE_FILE_NAME
 
 log = logging.getLogger(__name__)
 
@@ -233,7 +233,7 @@ class Metrics:
         self.connections = connections           # the frontend's set of live connections
         self.command_times = command_times
         self.timeout_s = config.shard_timeout
-        self.state_path = Path(config.data_dir).resolve() / RUN_DIR_NAME / STATE_FILE_NAME
+        self.state_path = runtime_dir(config) / STATE_FILE_NAME
         self.started_s = time.time()
         count = router.shard_count
         self._start_times: list[float | None] = [None] * count   # last seen, per shard

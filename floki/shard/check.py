@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, TextIO
 
+from floki.config import RUN_DIR_NAME
 from floki.errors import InvalidParameter
 from floki.names import validate_name
 from floki.shard import checkpoint, fileio, files
@@ -138,7 +139,7 @@ def check_data_dir(data_dir: Path, *, repair: bool = False) -> CheckReport:
     entries = sorted(os.scandir(data_dir), key=lambda e: e.name)
     for entry in entries:
         path = Path(entry.path)
-        if entry.name == files.RUN_DIR:
+        if entry.name == RUN_DIR_NAME:
             continue
         if entry.name.startswith(files.DELETING_PREFIX) and entry.is_dir(follow_symlinks=False):
             report.other.add(path, Severity.NOTE, "left by an interrupted queue delete; "

@@ -25,6 +25,7 @@ import logging
 import os
 from pathlib import Path
 
+from floki.config import RUN_DIR_NAME
 from floki.errors import DiskFull, FlokiError, InvalidParameter, StorageIOError
 from floki.names import validate_name
 from floki.shard import fileio
@@ -40,7 +41,6 @@ INCOMING_PREFIX = ".incoming-"      # a queue directory being copied in (never a
 QUEUE_FILE = "queue.json"
 CHANNELS_FILE = "channels.json"
 LOCK_FILE = "LOCK"
-RUN_DIR = ".run"
 ID_DIGITS = 20          # 2**64 - 1 has 20 decimal digits
 MAX_ID = 2**64 - 1      # ids are u64 on disk
 
@@ -173,7 +173,7 @@ def incoming_dir(data_dir: Path, name: str, token: str) -> Path:
 
 def run_dir(data_dir: Path) -> Path:
     """Returns the runtime directory (ipc sockets); its leading dot keeps it from being a queue."""
-    return Path(data_dir) / RUN_DIR
+    return Path(data_dir) / RUN_DIR_NAME
 
 
 def list_queue_names(data_dir: Path) -> list[str]:
@@ -189,7 +189,7 @@ def list_queue_names(data_dir: Path) -> list[str]:
     except FileNotFoundError:
         return []
     for entry in entries:
-        if entry.name == RUN_DIR:
+        if entry.name == RUN_DIR_NAME:
             continue
         if not entry.is_dir(follow_symlinks=False):
             log.warning("ignoring %s in data directory %s: not a directory", entry.name, data_dir)
