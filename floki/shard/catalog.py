@@ -60,18 +60,22 @@ class Catalog:
     def _remove_deleted_leftovers(self) -> None:
         """Rule 4. The owner of a name removes it, so two shards never race over one."""
         try:
-            entries = os.listdir(self.data_dir)
+            entries = list(os.scandir(self.data_dir))
         except OSError as exc:
             log.warning("could not list %s for leftovers of deleted queues: %s",
                         self.data_dir, exc)
             return
         for entry in entries:
-            if not entry.startswith(files.DELETING_PREFIX):
+            name = files.deleting_dir_queue(entry.name)
+            if name is None or not self.owns(name) or not entry.is_dir(follow_symlinks=False):
                 continue
-            name = entry[len(files.DELETING_PREFIX):].rpartition("-")[0]
-            if name and self.owns(name):
-                shutil.rmtree(self.data_dir / entry, ignore_errors=True)
-                log.info("removed %s: what a crash left of deleting queue %r", entry, name)
+            try:
+                shutil.rmtree(entry.path)
+            except OSError as exc:
+                log.warning("could not remove %s, left by deleting queue %r: %s",
+                            entry.path, name, exc)
+            else:
+                log.info("removed %s: what a crash left of deleting queue %r", entry.name, name)
 
     def get(self, name: str) -> Queue:
         """Returns the open queue. Raises QueueNotFound."""

@@ -164,6 +164,14 @@ def deleting_dir(data_dir: Path, name: str, token: str) -> Path:
     return Path(data_dir) / f"{DELETING_PREFIX}{validate_name(name)}-{token}"
 
 
+def deleting_dir_queue(entry_name: str) -> str | None:
+    """Returns the queue name a `deleting_dir` entry was made for, or None if `entry_name` is
+    not one."""
+    if not entry_name.startswith(DELETING_PREFIX):
+        return None
+    return entry_name[len(DELETING_PREFIX):].rpartition("-")[0] or None
+
+
 def incoming_dir(data_dir: Path, name: str, token: str) -> Path:
     """Returns `<data_dir>/.incoming-<name>-<token>`: `floki rebalance` copies a queue there
     from another filesystem, fsyncs it, and only then renames it to `<data_dir>/<name>`, so a
