@@ -96,6 +96,16 @@ class Overrides:
         self.values = values
 
 
+def at_start(config: ServerConfig, process: str) -> tuple[Overrides, ServerConfig]:
+    """What a shard or frontend does first: returns its overrides in this run and `config`
+    with them applied (rule 1). cli.py set the root log level from floki.toml, so it follows
+    a recorded log_level here."""
+    overrides = Overrides.for_process(config, process)
+    config = overrides.apply_to(config)
+    logging.getLogger().setLevel(config.log_level.upper())
+    return overrides, config
+
+
 def _write_atomic(path: Path, data: bytes) -> None:
     """Writes `path` whole or not at all, and durably. Raises OSError."""
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -34,7 +34,7 @@ from floki.frontend import access
 from floki.frontend.connection import Connection, Frontend
 from floki.frontend.metrics import Metrics, MetricsServer
 from floki.frontend.router import Router, ShardState
-from floki.overrides import Overrides
+from floki.overrides import Overrides, at_start
 from floki.supervisor import ExitCode
 
 try:
@@ -57,9 +57,7 @@ IDLE_SWEEP_MIN_S = 0.01
 def run(config: ServerConfig) -> int:
     """Runs the frontend until it is stopped. Returns the process exit code."""
     # CONFIG SET values this frontend applied earlier in this run (floki/overrides.py).
-    overrides = Overrides.for_process(config, "frontend")
-    config = overrides.apply_to(config)
-    logging.getLogger().setLevel(config.log_level.upper())
+    overrides, config = at_start(config, "frontend")
     loop_factory = uvloop.new_event_loop if uvloop is not None else None
     with asyncio.Runner(loop_factory=loop_factory) as runner:
         return runner.run(serve(config, overrides=overrides))

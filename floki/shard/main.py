@@ -23,7 +23,7 @@ from pathlib import Path
 import zmq
 
 from floki.config import ServerConfig, shard_endpoint
-from floki.overrides import Overrides
+from floki.overrides import at_start
 from floki.shard.catalog import Catalog
 from floki.shard.server import FsyncFailed, ShardServer
 
@@ -53,9 +53,7 @@ def run(config: ServerConfig, index: int, bind: str | None = None) -> int:
     parent = os.getppid()
     # CONFIG SET values this shard applied earlier in this run (a supervisor restart), before
     # anything opens: above all the fsync mode (floki/overrides.py rule 1).
-    overrides = Overrides.for_process(config, f"shard-{index}")
-    config = overrides.apply_to(config)
-    logging.getLogger().setLevel(config.log_level.upper())
+    overrides, config = at_start(config, f"shard-{index}")
 
     data_dir = Path(config.data_dir)
     catalog = Catalog(data_dir, index, config.shard_count, config.queue, config.fsync)

@@ -84,3 +84,14 @@ def test_a_failed_record_raises_and_keeps_nothing(tmp_path):
     with pytest.raises(OSError):
         overrides.record("fsync", "always")
     assert overrides.values == {}
+
+
+def test_at_start_applies_the_run_s_values_and_the_recorded_log_level(tmp_path, monkeypatch):
+    from floki.overrides import at_start
+    of_run(tmp_path, "run-c", "frontend").record("log_level", "debug")
+    monkeypatch.setenv(RUN_ID_ENV, "run-c")
+    root = logging.getLogger()
+    monkeypatch.setattr(root, "level", logging.WARNING)  # restored after the test
+    overrides, config = at_start(config_in(tmp_path), "frontend")
+    assert config.log_level == "debug" and root.level == logging.DEBUG
+    assert overrides.values == {"log_level": "debug"}
